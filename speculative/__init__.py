@@ -1,0 +1,1 @@
+"""speculative: see README."""
