@@ -1,1 +1,14 @@
-"""cache: see README."""
+"""KV-cache managers (accounting) and the NumPy KV store (contents).
+
+`KV_CACHES` maps the engine argument `kv_cache=` to a manager class.
+"""
+
+from cache.contiguous import ContiguousKVCache
+from cache.none import NoKVCache
+
+KV_CACHES = {
+    "none": NoKVCache,
+    "contiguous": ContiguousKVCache,
+}
+
+__all__ = ["KV_CACHES", "ContiguousKVCache", "NoKVCache"]

@@ -1,0 +1,91 @@
+"""What a scheduler produces each step, and the `Scheduler` protocol.
+
+A `StepPlan` lists the sequences that run this step (`ScheduledSeq`: how many new tokens from
+where) and the `StepShape` the cost model prices. The two usually agree; static batching prices
+padding that it does not compute (finished members keep their slots, prompts padded to the
+longest), which is exactly its waste.
+
+References: Orca (Yu et al., OSDI'22) iteration-level scheduling; vLLM `vllm/v1/core/sched`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sim.cost_model import StepShape
+from sim.request import Logprob, Request
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """`num_new_tokens` tokens of `request`, starting at position `start` (= its KV so far)."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token, so a new token is sampled."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    seqs: tuple[ScheduledSeq, ...]
+    shape: StepShape
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+def shape_of(seqs: tuple[ScheduledSeq, ...]) -> StepShape:
+    """The shape the cost model prices for exactly these sequences."""
+    return StepShape(
+        num_new_tokens=tuple(s.num_new_tokens for s in seqs),
+        num_context_tokens=tuple(s.start for s in seqs),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What the executor produced for a plan, aligned with `plan.seqs`.
+
+    `token_ids[i]` is the token sampled for sequence i (-1 where it sampled none: a mid-prompt
+    chunk). Timing-only runs produce no token values: `token_ids` is None.
+    `logprobs[i]` is (sampled token's logprob, vLLM logprobs dict) when the request asked for them.
+    """
+
+    token_ids: tuple[int, ...] | None
+    logprobs: tuple[tuple[float, dict[int, Logprob]] | None, ...] | None = None
+
+
+TIMING_RESULT = StepResult(token_ids=None)
+
+
+class Scheduler(Protocol):
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def add(self, request: Request) -> str | None:
+        """Queue a request; a string is the reason it can never run (it is then rejected)."""
+        ...
+
+    def schedule(self, now_s: float) -> StepPlan | None:
+        """The next step, reading committed state only; None when nothing can run now."""
+        ...
+
+    def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
+        """Commit a completed step: counters, tokens, stops, frees; the finished requests."""
+        ...
+
+    def has_work(self) -> bool: ...
+
+    def abort_all(self, reason: str) -> list[Request]:
+        """Remove every queued or running request (e.g. nothing can ever be scheduled)."""
+        ...

@@ -1,0 +1,111 @@
+"""Continuous (iteration-level) batching: requests join and leave the batch every step.
+
+Each step first gives every running request its next tokens (a decode, or the rest of its
+prompt), then admits waiting requests first-come-first-served while `max_num_seqs`, the token
+budget `max_num_batched_tokens` and KV memory allow; a request that cannot be admitted blocks the
+ones behind it (FCFS, no overtaking). Finished requests leave at once and free their KV, so a
+short request never waits for a long one.
+
+References: Yu et al., "Orca: A Distributed Serving System for Transformer-Based Generative
+Models" (OSDI'22), iteration-level scheduling; vLLM `vllm/v1/core/sched/scheduler.py`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from batching.base import ScheduledSeq, StepPlan, StepResult, shape_of
+from batching.commit import StopCriteria, commit_step, finish
+from cache.base import KVCacheManager
+from sim.request import Request, Status
+
+
+class ContinuousScheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        stop: StopCriteria,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.kv = kv
+        self.stop = stop
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def max_step_tokens(self, request: Request) -> int:
+        """The most tokens one step of this request can need: its prompt, or with no KV cache
+        the longest sequence it may grow to (all recomputed at once)."""
+        if self.kv.retains_kv:
+            return request.num_prompt_tokens
+        return max_len(request, self.stop.max_model_len)
+
+    def add(self, request: Request) -> str | None:
+        longest = max_len(request, self.stop.max_model_len)
+        if request.num_prompt_tokens > self.stop.max_model_len:
+            return (f"prompt of {request.num_prompt_tokens} tokens is longer than "
+                    f"max_model_len={self.stop.max_model_len}")
+        need = self.max_step_tokens(request)
+        if need > self.max_num_batched_tokens:
+            return (f"a step of this request needs {need} tokens but max_num_batched_tokens="
+                    f"{self.max_num_batched_tokens}; raise max_num_batched_tokens")
+        reason = self.kv.never_fits(request, longest)
+        if reason is not None:
+            return reason
+        self.waiting.append(request)
+        return None
+
+    def schedule(self, now_s: float) -> StepPlan | None:
+        budget = self.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        kv = self.kv
+        for req in self.running:
+            n = req.num_tokens - req.num_computed
+            if n > budget or not kv.allocate(req, req.num_tokens):
+                continue
+            seqs.append(ScheduledSeq(req, req.num_computed, n))
+            budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_tokens - req.num_computed
+            if n > budget or not kv.allocate(req, req.num_tokens):
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            req.status = Status.RUNNING
+            if req.first_scheduled_s != req.first_scheduled_s:  # NaN: first time
+                req.first_scheduled_s = now_s
+            seqs.append(ScheduledSeq(req, req.num_computed, n))
+            budget -= n
+        if not seqs:
+            return None
+        planned = tuple(seqs)
+        return StepPlan(planned, shape_of(planned))
+
+    def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
+        stopped = commit_step(plan, result, now_s, self.kv.retains_kv, self.stop)
+        for req in stopped:
+            finish(req, now_s)
+            self.kv.free(req)
+        if stopped:
+            self.running = [r for r in self.running if not r.is_finished]
+        return stopped
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort_all(self, reason: str) -> list[Request]:
+        aborted = [*self.running, *self.waiting]
+        for req in aborted:
+            self.kv.free(req)
+        self.running, self.waiting = [], deque()
+        return aborted
+
+
+def max_len(request: Request, max_model_len: int) -> int:
+    """The longest this request may grow: prompt + max_tokens, capped by max_model_len."""
+    if request.sampling.max_tokens is None:
+        return max_model_len
+    return min(max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)

@@ -1,0 +1,110 @@
+"""Static (request-level) batching: a batch is formed, runs to completion, then the next one.
+
+As in HF `generate` or FasterTransformer: up to `max_num_seqs` waiting requests form a batch when
+the engine is idle; prompts are padded to the longest one; every member keeps its slot (and is
+priced) until the *longest* member finishes, and all results are returned together when the batch
+ends. New arrivals wait for the whole batch. This is the baseline continuous batching beats.
+
+What is priced is the padded batch: the prefill step computes `B x max_prompt` tokens and every
+decode step `B` tokens at the longest context, finished members included. What is computed
+functionally is only the live members' real tokens (the padding would not change their tokens).
+
+References: Yu et al., OSDI'22 (Orca), section 2.3 on request-level scheduling; NVIDIA
+FasterTransformer; HF transformers `generate`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from batching.base import ScheduledSeq, StepPlan, StepResult
+from batching.commit import StopCriteria, commit_step, finish
+from batching.continuous import max_len
+from cache.base import KVCacheManager
+from sim.cost_model import StepShape
+from sim.request import Request, Status
+
+
+class StaticScheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        stop: StopCriteria,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.kv = kv
+        self.stop = stop
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.batch: list[Request] = []  # members keep their slot until the batch ends
+
+    def add(self, request: Request) -> str | None:
+        if request.num_prompt_tokens > self.stop.max_model_len:
+            return (f"prompt of {request.num_prompt_tokens} tokens is longer than "
+                    f"max_model_len={self.stop.max_model_len}")
+        longest = max_len(request, self.stop.max_model_len)
+        need = request.num_prompt_tokens if self.kv.retains_kv else longest
+        if need > self.max_num_batched_tokens:
+            return (f"a step of this request needs {need} tokens but max_num_batched_tokens="
+                    f"{self.max_num_batched_tokens}; raise max_num_batched_tokens")
+        reason = self.kv.never_fits(request, longest)
+        if reason is not None:
+            return reason
+        self.waiting.append(request)
+        return None
+
+    def _launch(self, now_s: float) -> None:
+        """Form a new batch from the head of the queue (padded prompts must fit the budget)."""
+        longest_prompt = 0
+        while self.waiting and len(self.batch) < self.max_num_seqs:
+            req = self.waiting[0]
+            padded = max(longest_prompt, req.num_prompt_tokens) * (len(self.batch) + 1)
+            if self.batch and padded > self.max_num_batched_tokens:
+                break
+            if not self.kv.allocate(req, req.num_tokens):
+                break
+            self.waiting.popleft()
+            self.batch.append(req)
+            req.status = Status.RUNNING
+            req.first_scheduled_s = now_s
+            longest_prompt = max(longest_prompt, req.num_prompt_tokens)
+
+    def schedule(self, now_s: float) -> StepPlan | None:
+        if not self.batch:
+            self._launch(now_s)
+        live = [r for r in self.batch if r.finish_reason is None]
+        if not live:
+            return None
+        seqs = []
+        for req in live:
+            if not self.kv.allocate(req, req.num_tokens):
+                raise RuntimeError(f"static batch member {req.request_id} lost its reservation")
+            seqs.append(ScheduledSeq(req, req.num_computed, req.num_tokens - req.num_computed))
+        # price the padded batch: every slot, at the longest new-token count and context
+        num_slots = len(self.batch)
+        new = max(s.num_new_tokens for s in seqs)
+        context = max(s.start for s in seqs)
+        shape = StepShape(num_new_tokens=(new,) * num_slots, num_context_tokens=(context,) * num_slots)
+        return StepPlan(tuple(seqs), shape)
+
+    def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
+        commit_step(plan, result, now_s, self.kv.retains_kv, self.stop)
+        if any(r.finish_reason is None for r in self.batch):
+            return []
+        done, self.batch = self.batch, []
+        for req in done:
+            finish(req, now_s)
+            self.kv.free(req)
+        return done
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.batch)
+
+    def abort_all(self, reason: str) -> list[Request]:
+        aborted = [*self.batch, *self.waiting]
+        for req in aborted:
+            self.kv.free(req)
+        self.batch, self.waiting = [], deque()
+        return aborted

@@ -1,0 +1,213 @@
+"""The `infersim` command line: simulate, demo, kv-memory, models, profiles.
+
+Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cache`, ...);
+`simulate --result-json` writes vLLM `benchmark_serving.py`'s key names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sim.engine_args import DTYPE_CHOICES, KV_CACHE_CHOICES, MODES, SCHEDULER_CHOICES, EngineArgs
+from sim.errors import InfersimError
+from sim.hardware import DEFAULT_HARDWARE
+from sim.model_zoo import DEFAULT_MODEL
+
+DESCRIPTION = """\
+infersim: a NumPy reference simulator of LLM inference. One run computes real tokens with a NumPy
+transformer (a seeded tiny proxy of the named model, or real local weights) and prices every
+engine step for the named model on a GPU profile, on a simulated clock."""
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (vLLM names)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face id of a built-in shape, or a local folder with config.json "
+                        "(+ safetensors for real weights); see `infersim models`")
+    g.add_argument("--hardware", default=DEFAULT_HARDWARE,
+                   help="GPU profile name or .toml path; see `infersim profiles`")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights/compute dtype priced on the GPU; float64 also runs the "
+                        "functional model in float64")
+    g.add_argument("--mode", default="functional", choices=MODES,
+                   help="functional: real NumPy tokens; timing: token counts only (fast)")
+    g.add_argument("--seed", type=int, default=0, help="seed of workload and sampling")
+    g.add_argument("--kv-cache", default="contiguous", choices=KV_CACHE_CHOICES,
+                   help="none: recompute the whole sequence every step; contiguous: reserve "
+                        "max_model_len per request")
+    g.add_argument("--scheduler", default="continuous", choices=SCHEDULER_CHOICES,
+                   help="static: request-level batches; continuous: iteration-level (Orca/vLLM)")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model, hardware=ns.hardware, dtype=ns.dtype, mode=ns.mode, seed=ns.seed,
+        kv_cache=ns.kv_cache, scheduler=ns.scheduler, max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        tensor_parallel_size=ns.tensor_parallel_size,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infersim", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="serve a workload and report latency/throughput",
+                         description="Serve a synthetic workload or an Azure trace and report "
+                                     "TTFT, TPOT, ITL, E2E and throughput in simulated time.")
+    add_engine_flags(sim)
+    w = sim.add_argument_group("workload (vLLM benchmark_serving names)")
+    w.add_argument("--dataset-path", default=None,
+                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens); its "
+                        "timestamps give arrivals unless --request-rate is set")
+    w.add_argument("--num-prompts", type=int, default=None,
+                   help="number of requests (default: 100, or the whole trace)")
+    w.add_argument("--request-rate", type=float, default=None,
+                   help="requests/s, Poisson (inf = all at once: the default without a trace)")
+    w.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma arrivals' shape: 1 = Poisson, < 1 burstier")
+    w.add_argument("--input-len", type=int, default=512, help="prompt tokens (synthetic)")
+    w.add_argument("--output-len", type=int, default=128, help="output tokens (synthetic)")
+    w.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput")
+    w.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput")
+    sim.add_argument("--result-json", default=None, help="write the metrics to this JSON file")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="no KV cache vs the KV-cached engine (the quick start)",
+                          description="Runs one workload twice, without and with a KV cache, "
+                                      "and compares latency, throughput and the tokens produced.")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--hardware", default=DEFAULT_HARDWARE)
+    demo.add_argument("--num-prompts", type=int, default=16)
+    demo.add_argument("--input-len", type=int, default=128)
+    demo.add_argument("--output-len", type=int, default=128)
+
+    kv = sub.add_parser("kv-memory", help="the KV-cache memory calculation, step by step",
+                        description="KV bytes per token = 2 x layers x KV heads x head dim x "
+                                    "bytes; per request; per batch; with --hardware, the memory "
+                                    "plan and how many tokens fit.")
+    kv.add_argument("--model", default=DEFAULT_MODEL)
+    kv.add_argument("--seq-len", type=int, required=True, help="tokens per request")
+    kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
+    kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
+    kv.add_argument("--hardware", default=None, help="also size the KV pool on this GPU")
+    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    kv.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sub.add_parser("models", help="list the built-in model shapes")
+    sub.add_parser("profiles", help="list the built-in hardware profiles")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except InfersimError as exc:
+        print(f"infersim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from sim.cli_simulate import run_simulate
+
+    return run_simulate(ns)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from sim.demo import run_demo
+
+    print(run_demo(ns.model, ns.hardware, ns.num_prompts, ns.input_len, ns.output_len))
+    return 0
+
+
+def cmd_kv_memory(ns: argparse.Namespace) -> int:
+    from sim.kv_memory import format_kv_memory, kv_memory_report
+
+    report = kv_memory_report(
+        ns.model, seq_len=ns.seq_len, batch_size=ns.batch_size, dtype=ns.dtype,
+        hardware=ns.hardware, block_size=ns.block_size,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+    )
+    print(json.dumps(report, indent=2, default=str) if ns.json else format_kv_memory(report))
+    return 0
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A plain aligned text table of dict rows (same keys)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = "  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from sim.model_zoo import ALIASES, BUILTIN_HF_CONFIGS, resolve_model
+
+    rows = []
+    for name in BUILTIN_HF_CONFIGS:
+        c = resolve_model(name)
+        rows.append({
+            "model": name,
+            "params": f"{c.num_params() / 1e9:.2f}B",
+            "active": f"{c.num_params(active_only=True) / 1e9:.2f}B",
+            "layers": c.n_layer, "heads/kv": f"{c.n_head}/{c.n_kv_head}", "d_head": c.d_head,
+            "kv/token (fp16)": f"{c.kv_bytes_per_token('float16') / 1024:.0f} KiB",
+            "max_len": c.max_position_embeddings,
+            "notes": _model_notes(c),
+        })
+    print(format_rows(rows))
+    print("\naliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
+    print("A local folder with config.json (+ *.safetensors) works anywhere a name does.")
+    return 0
+
+
+def _model_notes(c: Any) -> str:
+    notes = []
+    if c.is_moe:
+        notes.append(f"MoE {c.n_expert}x top-{c.n_expert_per_tok}")
+    if c.shared_expert_n_inner:
+        notes.append("shared expert")
+    if c.sliding_window:
+        notes.append(f"window {c.sliding_window}")
+    if c.qkv_bias:
+        notes.append("qkv bias")
+    if not c.is_llama_like:
+        notes.append("shape only (Llama-style proxy)")
+    return ", ".join(notes)
+
+
+def cmd_profiles(ns: argparse.Namespace) -> int:
+    from sim.hardware import list_profiles, load_profile, summary_row
+
+    print(format_rows([summary_row(load_profile(name)) for name in list_profiles()]))
+    return 0
+
+
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+    "kv-memory": cmd_kv_memory,
+    "models": cmd_models,
+    "profiles": cmd_profiles,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""The engine: requests in, a discrete-event simulation, tokens and metrics out.
+
+One loop drives everything (DESIGN.md "one-way data flow"): at each dispatch the scheduler plans
+a step from committed state, the executor computes it (real tokens, or none in timing mode), the
+cost model prices its shape, and a `StepDone` event at `now + cost` commits the results. Arrivals
+stream in lazily from any iterable, so a million-request workload never sits in memory.
+
+A request that can never run is rejected with a reason when it arrives; if the queue ever stalls
+with nothing running and nothing left to arrive, the remaining requests are rejected with a
+reason rather than retried forever.
+
+References: vLLM `vllm/v1/engine/core.py` (step loop); Vidur (Agrawal et al., MLSys'24) for the
+simulated-clock serving loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from batching import SCHEDULERS
+from batching.base import Scheduler, StepPlan
+from batching.commit import StopCriteria
+from cache import KV_CACHES
+from cache.base import KVCacheManager
+from sim.cost_model import CostModel
+from sim.engine_args import EngineArgs
+from sim.errors import ConfigError
+from sim.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
+from sim.executor import Executor, TimingExecutor
+from sim.hardware import load_profile
+from sim.memory_plan import MemoryPlan, plan_memory
+from sim.metrics import MetricsCollector, RequestTimes, Summary
+from sim.model_zoo import resolve_model
+from sim.request import Request, SamplingParams, Status
+from sim.workload import RequestSpec
+
+
+@dataclass
+class StepStats:
+    """Counters over the whole run (conservation checks and simulation speed)."""
+
+    num_steps: int = 0
+    busy_s: float = 0.0
+    num_tokens_computed: int = 0
+    num_tokens_priced: int = 0
+    parts_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SimulationResult:
+    summary: Summary
+    metrics: MetricsCollector
+    requests: list[Request]
+    stats: StepStats
+    wall_s: float
+    description: str
+
+
+class Engine:
+    """Builds the model, cost model, memory plan, KV manager, scheduler and executor from
+    `EngineArgs`, then simulates request streams with `run`."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_config = resolve_model(args.model)
+        self.hardware = load_profile(args.hardware)
+        self.timing_dtype = args.timing_dtype(self.model_config.dtype)
+        kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+        self.cost_model = CostModel(self.model_config, self.hardware, dtype=self.timing_dtype,
+                                    kv_cache_dtype=kv_dtype)
+        self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings ({self.model_config.max_position_embeddings}); "
+                "lower max_model_len"
+            )
+        self.max_num_batched_tokens = args.max_num_batched_tokens or max(self.max_model_len, 2048)
+        self.memory: MemoryPlan = plan_memory(
+            self.model_config, self.hardware, dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        )
+        if args.kv_cache != "none" and self.memory.num_kv_tokens < self.max_model_len:
+            raise ConfigError(
+                f"max_model_len={self.max_model_len} is larger than the KV cache "
+                f"({self.memory.num_kv_tokens} tokens for {self.model_config.name} on "
+                f"{self.hardware.name}); lower max_model_len, raise gpu_memory_utilization or "
+                "use a larger GPU"
+            )
+        self.tokenizer = None
+        self.functional_description = "none (timing-only: token counts)"
+        self.eos_token_ids: frozenset[int] = frozenset()
+        if args.mode == "functional":
+            from sim.proxy import load_functional_model
+
+            model, self.tokenizer = load_functional_model(
+                args.functional_model or args.model, dtype=args.functional_dtype
+            )
+            eos = {self.tokenizer.eos_token_id, *model.config.eos_token_ids}
+            self.eos_token_ids = frozenset(e for e in eos if e is not None)
+            self.functional_model = model
+            self.functional_description = f"{model.config.name} ({args.functional_dtype})"
+        self.description = (
+            f"functional: {self.functional_description}; timing: {self.model_config.name} "
+            f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={args.kv_cache}, "
+            f"scheduler={args.scheduler}"
+        )
+
+    # ------------------------------------------------------------------ building blocks
+    def _kv_manager(self) -> KVCacheManager:
+        if self.args.kv_cache == "none":
+            return KV_CACHES["none"]()
+        return KV_CACHES[self.args.kv_cache](self.memory.num_kv_tokens, self.max_model_len)
+
+    def _scheduler(self, kv: KVCacheManager) -> Scheduler:
+        stop = StopCriteria(self.eos_token_ids, self.max_model_len)
+        return SCHEDULERS[self.args.scheduler](
+            kv, stop, self.args.max_num_seqs, self.max_num_batched_tokens
+        )
+
+    def _executor(self, retains_kv: bool) -> Executor:
+        if self.args.mode == "timing":
+            return TimingExecutor()
+        from sim.numpy_executor import NumpyExecutor
+
+        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len)
+
+    def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
+        """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
+        (vLLM benchmark_serving's convention), random prompt ids in functional mode."""
+        params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
+        ids = None
+        if self.args.mode == "functional":
+            if spec.prompt_token_ids is not None:
+                ids = list(spec.prompt_token_ids)
+            else:
+                rng = np.random.default_rng(np.random.SeedSequence(self.args.seed, spawn_key=(index, 1)))
+                vocab = min(self.functional_model.config.n_vocab, 256)
+                ids = rng.integers(0, vocab, size=spec.prompt_len).tolist()
+        return self.make_request(spec.request_id, index, spec.prompt_len, params, spec.arrival_s, ids)
+
+    def make_request(self, request_id: str, index: int, num_prompt_tokens: int,
+                     params: SamplingParams, arrival_s: float,
+                     prompt_token_ids: list[int] | None = None, prompt: str | None = None) -> Request:
+        functional = self.args.mode == "functional"
+        rng = None
+        if functional and not params.greedy:
+            seed = params.seed if params.seed is not None else self.args.seed
+            key = () if params.seed is not None else (index, 0)
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+        return Request(
+            request_id=request_id, index=index, num_prompt_tokens=num_prompt_tokens,
+            sampling=params, arrival_s=arrival_s, rng=rng, prompt=prompt,
+            prompt_token_ids=prompt_token_ids if functional else None, keep_tokens=functional,
+            logprobs=[] if params.logprobs is not None and functional else None,
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self,
+        requests: Iterable[Request | RequestSpec],
+        keep_requests: bool = True,
+        on_finish: Callable[[Request], None] | None = None,
+    ) -> SimulationResult:
+        """Simulate `requests` (sorted by arrival) to completion.
+
+        `keep_requests=False` keeps only streaming metrics (flat memory for huge workloads);
+        `on_finish` sees each request as it ends (e.g. a progress bar).
+        """
+        wall_start = time.perf_counter()
+        kv = self._kv_manager()
+        scheduler = self._scheduler(kv)
+        executor = self._executor(kv.retains_kv)
+        metrics = MetricsCollector()
+        stats = StepStats()
+        loop = EventLoop()
+        kept: list[Request] = []
+        source = iter(requests)
+        index = 0
+        last_arrival_s = 0.0
+        busy = dispatch_pending = False
+
+        def next_arrival() -> None:
+            nonlocal index, last_arrival_s
+            item = next(source, None)
+            if item is None:
+                return
+            req = item if isinstance(item, Request) else self.request_from_spec(item, index)
+            index += 1
+            if not req.arrival_s >= last_arrival_s:
+                raise ConfigError(
+                    f"request {req.request_id} arrives at {req.arrival_s} s, before the previous "
+                    f"one ({last_arrival_s} s); sort the workload by arrival time"
+                )
+            last_arrival_s = req.arrival_s
+            loop.schedule(req.arrival_s, ARRIVAL, req)
+
+        def ended(req: Request) -> None:
+            metrics.record(request_times(req))
+            executor.release(req)
+            if keep_requests:
+                kept.append(req)
+            if on_finish is not None:
+                on_finish(req)
+
+        def dispatch_soon(now_s: float) -> None:
+            nonlocal dispatch_pending
+            if not dispatch_pending:
+                dispatch_pending = True
+                loop.schedule(now_s, DISPATCH)
+
+        next_arrival()
+        while loop:
+            event = loop.pop()
+            now_s = event.time_s
+            if event.priority == STEP_DONE:
+                plan, result = event.payload
+                for req in scheduler.update(plan, result, now_s):
+                    ended(req)
+                busy = False
+                dispatch_soon(now_s)
+            elif event.priority == ARRIVAL:
+                req = event.payload
+                reason = scheduler.add(req)
+                if reason is not None:
+                    reject(req, reason)
+                    ended(req)
+                next_arrival()
+                if not busy:
+                    dispatch_soon(now_s)
+            else:
+                dispatch_pending = False
+                if busy:
+                    continue
+                plan = scheduler.schedule(now_s)
+                if plan is None:
+                    if scheduler.has_work() and not loop:
+                        for req in scheduler.abort_all(
+                            "could not be scheduled: the engine stalled with nothing running "
+                            "(the request cannot fit alongside the limits of this engine)"
+                        ):
+                            reject(req, "stalled: could not be scheduled with these limits")
+                            ended(req)
+                    continue
+                busy = True
+                step_s = self._price(plan, stats)
+                result = executor.run(plan)
+                loop.schedule(now_s + step_s, STEP_DONE, (plan, result))
+        summary = metrics.summary()
+        return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
+                                self.description)
+
+    def _price(self, plan: StepPlan, stats: StepStats) -> float:
+        cost = self.cost_model.step_cost(plan.shape)
+        stats.num_steps += 1
+        stats.busy_s += cost.total_s
+        stats.num_tokens_computed += plan.num_new_tokens
+        stats.num_tokens_priced += sum(plan.shape.num_new_tokens)
+        for part, seconds in cost.parts.items():
+            stats.parts_s[part] = stats.parts_s.get(part, 0.0) + seconds
+        return cost.total_s
+
+
+def reject(req: Request, reason: str) -> None:
+    req.status = Status.REJECTED
+    req.finish_reason = "rejected"
+    req.reject_reason = reason
+
+
+def request_times(req: Request) -> RequestTimes:
+    rejected = req.status is Status.REJECTED
+    nan = math.nan
+    return RequestTimes(
+        request_id=req.request_id,
+        arrival_s=req.arrival_s,
+        first_scheduled_s=nan if rejected else req.first_scheduled_s,
+        first_token_s=nan if rejected else req.first_token_s,
+        finished_s=nan if rejected else req.finished_s,
+        token_times_s=req.token_times_s,
+        num_prompt_tokens=req.num_prompt_tokens,
+        num_output_tokens=req.num_output_tokens,
+        finish_reason=req.finish_reason or "aborted",
+        reject_reason=req.reject_reason,
+    )
+

@@ -1,0 +1,95 @@
+"""Engine arguments, with vLLM's names wherever vLLM has one.
+
+Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy tokens;
+`timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`), `scheduler` (`static`,
+`continuous`), `functional_model` (what computes tokens when it should differ from `model`, the
+shape that is priced: by default a seeded tiny proxy of a built-in shape, or the real weights of a
+local checkpoint folder).
+
+References: vLLM `vllm/engine/arg_utils.py` (EngineArgs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sim.errors import ConfigError, suggest
+from sim.hardware import DEFAULT_HARDWARE
+from sim.model_zoo import DEFAULT_MODEL
+
+MODES = ("functional", "timing")
+KV_CACHE_CHOICES = ("none", "contiguous")
+SCHEDULER_CHOICES = ("static", "continuous")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    hardware: str = DEFAULT_HARDWARE
+    mode: str = "functional"
+    kv_cache: str = "contiguous"
+    scheduler: str = "continuous"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    functional_model: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("mode", self.mode, MODES),
+            ("kv_cache", self.kv_cache, KV_CACHE_CHOICES),
+            ("scheduler", self.scheduler, SCHEDULER_CHOICES),
+            ("dtype", self.dtype, DTYPE_CHOICES),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        if self.kv_cache_dtype != "auto":
+            raise ConfigError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r}: quantized KV arrives with the cache "
+                "issue; use 'auto'"
+            )
+        for name in ("max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not (0 < self.gpu_memory_utilization <= 1 and math.isfinite(self.gpu_memory_utilization)):
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism arrives "
+                "with the parallel issue; use tensor_parallel_size=1 for now"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """Build from keyword arguments; an unknown name is a `ConfigError` with suggestions."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in known:
+                raise ConfigError(str(suggest(key, known, "engine argument")))
+        return cls(**kwargs)
+
+    @property
+    def functional_dtype(self) -> str:
+        """NumPy precision of the functional model: float64 when asked, else float32."""
+        return "float64" if self.dtype == "float64" else "float32"
+
+    def timing_dtype(self, checkpoint_dtype: str) -> str:
+        """The dtype the target GPU is priced in: the checkpoint's unless a GPU dtype is given."""
+        if self.dtype in ("auto", "float64"):
+            return checkpoint_dtype
+        return {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)

@@ -1,0 +1,138 @@
+"""`LLM`: vLLM's offline API over the simulator.
+
+    from sim import LLM, SamplingParams
+    llm = LLM(model="meta-llama/Llama-2-7b-chat-hf", max_num_seqs=256)
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.7, top_p=0.9))
+    print(outputs[0].outputs[0].text, outputs[0].metrics.first_token_time)
+
+Tokens come from the functional model (a seeded tiny proxy of the named shape, or the real
+weights of a local checkpoint folder); times are simulated seconds for the named model on the
+named hardware. `llm.last_result` holds the run's summary metrics.
+
+References: vLLM `vllm/entrypoints/llm.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sim.engine import Engine, SimulationResult
+from sim.engine_args import EngineArgs
+from sim.errors import ConfigError
+from sim.model_zoo import DEFAULT_MODEL
+from sim.request import (
+    CompletionOutput,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    Status,
+)
+from sim.tokenizer import ByteTokenizer
+from sim.workload import RequestSpec
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """An offline inference engine whose clock is simulated (vLLM's `LLM`)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any) -> None:
+        self.engine_args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.engine = Engine(self.engine_args)
+        self.last_result: SimulationResult | None = None
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer or ByteTokenizer()
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.get_tokenizer().encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            return prompt.get("prompt"), ids
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self._encode(prompt["prompt"])
+        raise ConfigError(
+            f"a prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt'), got "
+            f"{type(prompt).__name__}"
+        )
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt (all arriving at t = 0) and return outputs in prompt order."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompts):
+            raise ConfigError(
+                f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one, or "
+                "one per prompt"
+            )
+        requests = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            text, ids = self._encode(prompt)
+            if not ids:
+                raise ConfigError("an empty prompt cannot be generated from; give it a token")
+            requests.append(self.engine.make_request(
+                str(self._counter), len(requests), len(ids), params, 0.0, ids, text))
+            self._counter += 1
+        bar = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            result = self.engine.run(requests, on_finish=lambda _: bar.update())
+        finally:
+            bar.close()
+        self.last_result = result
+        return [self._output(req) for req in sorted(result.requests, key=lambda r: r.index)]
+
+    def simulate(self, workload: Iterable[RequestSpec], keep_requests: bool = False) -> SimulationResult:
+        """Serve a workload (arrivals over time) and return its metrics."""
+        self.last_result = self.engine.run(workload, keep_requests=keep_requests)
+        return self.last_result
+
+    def _output(self, req: Request) -> RequestOutput:
+        ids = list(req.output_token_ids)
+        tokenizer = self.get_tokenizer()
+        text = tokenizer.decode(ids, skip_special_tokens=req.sampling.skip_special_tokens) if ids else ""
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=ids,
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=req.logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason if req.stop_reason is not None else req.reject_reason,
+        )
+        ran = req.status is Status.FINISHED
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_s,
+            last_token_time=req.token_times_s[-1] if req.token_times_s else req.arrival_s,
+            first_scheduled_time=req.first_scheduled_s if ran else None,
+            first_token_time=req.first_token_s if ran else None,
+            time_in_queue=req.first_scheduled_s - req.arrival_s if ran else None,
+            finished_time=req.finished_s if ran else None,
+        )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=True,
+            metrics=metrics,
+            reject_reason=req.reject_reason,
+        )

@@ -1,0 +1,72 @@
+"""The functional executor: real tokens from the NumPy model.
+
+One flattened forward over all the step's sequences through the KV store (or, for the
+no-KV-cache baseline, a full recompute of each sequence), then each sequence that reached its
+end samples its next token from its own random stream. It never reads the clock.
+
+References: vLLM `vllm/v1/worker/gpu_model_runner.py` (flattened varlen batches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batching.base import StepPlan, StepResult
+from cache.kv_store import ContiguousKVStore
+from sim.numpy_model import NumpyModel, SeqChunk
+from sim.request import Logprob, Request
+from sim.sampling import sample_token, token_logprobs
+
+
+class NumpyExecutor:
+    """Real tokens from the NumPy model (the `mode="functional"` executor)."""
+
+    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.retains_kv = retains_kv
+        self.max_model_len = max_model_len
+        self.store = ContiguousKVStore(cfg.n_layer, cfg.n_kv_head, cfg.d_head, model.dtype)
+
+    def _capacity(self, request: Request) -> int:
+        if request.sampling.max_tokens is None:
+            return self.max_model_len
+        return min(self.max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)
+
+    def _logits(self, plan: StepPlan) -> list[np.ndarray | None]:
+        """Next-token logits [n_vocab] for each sequence that samples this step (else None)."""
+        if not self.retains_kv:
+            return [
+                self.model.forward(np.asarray(s.request.token_ids_slice(0, s.end)))[-1]
+                if s.samples else None
+                for s in plan.seqs
+            ]
+        chunks = []
+        for s in plan.seqs:
+            req = s.request
+            if not self.store.has(req.request_id):
+                self.store.allocate(req.request_id, self._capacity(req))
+            ids = np.asarray(req.token_ids_slice(s.start, s.end), dtype=np.int64)  # [n_new]
+            chunks.append(SeqChunk(req.request_id, ids, s.start, 1 if s.samples else 0))
+        logits = self.model.forward_step(chunks, self.store)  # [n_sampling, n_vocab]
+        rows = iter(logits)
+        return [next(rows) if s.samples else None for s in plan.seqs]
+
+    def run(self, plan: StepPlan) -> StepResult:
+        tokens: list[int] = []
+        logprobs: list[tuple[float, dict[int, Logprob]] | None] = []
+        for seq, row in zip(plan.seqs, self._logits(plan), strict=True):
+            if row is None:
+                tokens.append(-1)
+                logprobs.append(None)
+                continue
+            params = seq.request.sampling
+            token = sample_token(row, params, seq.request.rng)
+            tokens.append(token)
+            want = params.logprobs
+            logprobs.append(token_logprobs(row, token, want) if want is not None else None)
+        return StepResult(tuple(tokens), tuple(logprobs))
+
+    def release(self, request: Request) -> None:
+        if self.store.has(request.request_id):
+            self.store.free(request.request_id)
