@@ -45,12 +45,13 @@ class ContinuousScheduler:
     def add(self, request: Request) -> str | None:
         longest = max_len(request, self.stop.max_model_len)
         if request.num_prompt_tokens > self.stop.max_model_len:
-            return (f"prompt of {request.num_prompt_tokens} tokens is longer than "
+            return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
                     f"max_model_len={self.stop.max_model_len}")
         need = self.max_step_tokens(request)
         if need > self.max_num_batched_tokens:
-            return (f"a step of this request needs {need} tokens but max_num_batched_tokens="
-                    f"{self.max_num_batched_tokens}; raise max_num_batched_tokens")
+            return (f"step larger than max_num_batched_tokens: one step of this request needs "
+                    f"{need} tokens > max_num_batched_tokens={self.max_num_batched_tokens}; "
+                    "raise max_num_batched_tokens")
         reason = self.kv.never_fits(request, longest)
         if reason is not None:
             return reason

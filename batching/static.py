@@ -42,13 +42,14 @@ class StaticScheduler:
 
     def add(self, request: Request) -> str | None:
         if request.num_prompt_tokens > self.stop.max_model_len:
-            return (f"prompt of {request.num_prompt_tokens} tokens is longer than "
+            return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
                     f"max_model_len={self.stop.max_model_len}")
         longest = max_len(request, self.stop.max_model_len)
         need = request.num_prompt_tokens if self.kv.retains_kv else longest
         if need > self.max_num_batched_tokens:
-            return (f"a step of this request needs {need} tokens but max_num_batched_tokens="
-                    f"{self.max_num_batched_tokens}; raise max_num_batched_tokens")
+            return (f"step larger than max_num_batched_tokens: one step of this request needs "
+                    f"{need} tokens > max_num_batched_tokens={self.max_num_batched_tokens}; "
+                    "raise max_num_batched_tokens")
         reason = self.kv.never_fits(request, longest)
         if reason is not None:
             return reason

@@ -34,7 +34,8 @@ class ContiguousKVCache:
         need = self.reservation_tokens(request)
         if need > self.num_kv_tokens:
             return (
-                f"a contiguous reservation of {need} tokens exceeds the whole KV cache "
+                f"larger than the KV cache: a contiguous reservation of {need} tokens > the "
+                f"whole KV cache "
                 f"({self.num_kv_tokens} tokens); lower max_model_len or use a larger GPU"
             )
         return None

@@ -241,11 +241,9 @@ class Engine:
                 plan = scheduler.schedule(now_s)
                 if plan is None:
                     if scheduler.has_work() and not loop:
-                        for req in scheduler.abort_all(
-                            "could not be scheduled: the engine stalled with nothing running "
-                            "(the request cannot fit alongside the limits of this engine)"
-                        ):
-                            reject(req, "stalled: could not be scheduled with these limits")
+                        for req in scheduler.abort_all("stalled"):
+                            reject(req, "stalled: nothing was running and the request still "
+                                   "could not be scheduled within the engine's limits")
                             ended(req)
                     continue
                 busy = True
