@@ -3,10 +3,13 @@
 `SCHEDULERS` maps the engine argument `scheduler=` to a scheduler class.
 """
 
+from collections.abc import Callable
+
+from batching.base import Scheduler
 from batching.continuous import ContinuousScheduler
 from batching.static import StaticScheduler
 
-SCHEDULERS = {
+SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "static": StaticScheduler,
     "continuous": ContinuousScheduler,
 }

@@ -10,6 +10,7 @@ References: vLLM `vllm/v1/core/sched/utils.py` (check_stop).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from batching.base import StepPlan, StepResult
 from sim.request import Request, Status
 
@@ -49,8 +50,9 @@ def commit_step(
         req.num_output_tokens += 1
         if req.keep_tokens:
             req.output_token_ids.append(token)
-            if result.logprobs is not None and result.logprobs[i] is not None:
-                logprob, entries = result.logprobs[i]
+            entry = None if result.logprobs is None else result.logprobs[i]
+            if entry is not None:
+                logprob, entries = entry
                 req.cumulative_logprob += logprob
                 if req.logprobs is not None:
                     req.logprobs.append(entries)

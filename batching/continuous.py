@@ -34,6 +34,9 @@ class ContinuousScheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # the head of `waiting` could not be admitted beside a plain-decode batch at the last
+        # schedule() and nothing has been freed since
+        self._head_blocked = False
 
     def max_step_tokens(self, request: Request) -> int:
         """The most tokens one step of this request can need: its prompt, or with no KV cache
@@ -80,6 +83,8 @@ class ContinuousScheduler:
                 req.first_scheduled_s = now_s
             seqs.append(ScheduledSeq(req, req.num_computed, n))
             budget -= n
+        # a head blocked beside a plain-decode batch stays blocked while that batch decodes
+        self._head_blocked = bool(self.waiting) and all(s.num_new_tokens == 1 for s in seqs)
         if not seqs:
             return None
         planned = tuple(seqs)
@@ -92,7 +97,41 @@ class ContinuousScheduler:
             self.kv.free(req)
         if stopped:
             self.running = [r for r in self.running if not r.is_finished]
+            self._head_blocked = False
         return stopped
+
+    def coast_horizon(self) -> int:
+        """How many upcoming steps are certain to be plain decodes of exactly the running batch
+        with no request stopping, admission or KV change (a blocked queue head stays blocked
+        while the batch only decodes; in timing-only mode only
+        `max_tokens` and `max_model_len` can stop a request). 0 when unsure.
+
+        The engine uses it to run such steps without building a plan per step; the result is
+        identical to scheduling them one by one (tested).
+        """
+        if (self.waiting and not self._head_blocked) or not self.running or not self.kv.retains_kv:
+            return 0
+        if len(self.running) > self.max_num_batched_tokens:
+            return 0
+        horizon = self.stop.max_model_len
+        for req in self.running:
+            if req.num_computed != req.num_tokens - 1:
+                return 0
+            left = self.stop.max_model_len - req.num_tokens
+            if req.sampling.max_tokens is not None:
+                left = min(left, req.sampling.max_tokens - req.num_output_tokens)
+            horizon = min(horizon, left - 1)  # the step that may stop a request is not coasted
+            if not self.kv.allocate(req, req.num_tokens + max(horizon, 0)):
+                return 0
+        return max(horizon, 0)
+
+    def coast(self, step_end_times_s: list[float]) -> None:
+        """Commit plain decode steps of every running request, ending at these times."""
+        num_steps = len(step_end_times_s)
+        for req in self.running:
+            req.num_computed += num_steps
+            req.num_output_tokens += num_steps
+            req.token_times_s.extend(step_end_times_s)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

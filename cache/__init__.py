@@ -3,10 +3,13 @@
 `KV_CACHES` maps the engine argument `kv_cache=` to a manager class.
 """
 
+from collections.abc import Callable
+
+from cache.base import KVCacheManager
 from cache.contiguous import ContiguousKVCache
 from cache.none import NoKVCache
 
-KV_CACHES = {
+KV_CACHES: dict[str, Callable[..., KVCacheManager]] = {
     "none": NoKVCache,
     "contiguous": ContiguousKVCache,
 }

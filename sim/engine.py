@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,6 @@ class StepStats:
     busy_s: float = 0.0
     num_tokens_computed: int = 0
     num_tokens_priced: int = 0
-    parts_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +64,9 @@ class SimulationResult:
 class Engine:
     """Builds the model, cost model, memory plan, KV manager, scheduler and executor from
     `EngineArgs`, then simulates request streams with `run`."""
+
+    #: timing-only fast path for plain-decode stretches (identical results; off only in tests)
+    coast_enabled = True
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -185,6 +188,9 @@ class Engine:
         index = 0
         last_arrival_s = 0.0
         busy = dispatch_pending = False
+        # timing-only: run certain plain-decode stretches without a plan per step
+        coast = (self.coast_enabled and self.args.mode == "timing"
+                 and hasattr(scheduler, "coast_horizon"))
 
         def next_arrival() -> None:
             nonlocal index, last_arrival_s
@@ -223,6 +229,8 @@ class Engine:
                 plan, result = event.payload
                 for req in scheduler.update(plan, result, now_s):
                     ended(req)
+                if coast:
+                    now_s = self._coast(scheduler, loop, stats)
                 busy = False
                 dispatch_soon(now_s)
             elif event.priority == ARRIVAL:
@@ -255,14 +263,41 @@ class Engine:
                                 self.description)
 
     def _price(self, plan: StepPlan, stats: StepStats) -> float:
-        cost = self.cost_model.step_cost(plan.shape)
+        shape = plan.shape
+        step_s = self.cost_model.step_time_s(shape.num_new_tokens, shape.num_context_tokens,
+                                             shape.total_logits)
         stats.num_steps += 1
-        stats.busy_s += cost.total_s
+        stats.busy_s += step_s
         stats.num_tokens_computed += plan.num_new_tokens
-        stats.num_tokens_priced += sum(plan.shape.num_new_tokens)
-        for part, seconds in cost.parts.items():
-            stats.parts_s[part] = stats.parts_s.get(part, 0.0) + seconds
-        return cost.total_s
+        stats.num_tokens_priced += shape.total_new_tokens
+        return step_s
+
+    def _coast(self, scheduler: Any, loop: EventLoop, stats: StepStats) -> float:
+        """Run the plain-decode steps the scheduler certifies, each priced and committed at its
+        own end time exactly as the event loop would, stopping before the next arrival."""
+        now_s = loop.now_s
+        horizon = scheduler.coast_horizon()
+        if horizon == 0:
+            return now_s
+        next_event_s = loop.peek_time_s()
+        running = scheduler.running
+        num_seqs = len(running)
+        ones = (1,) * num_seqs
+        context0 = np.array([r.num_computed for r in running])  # [num_seqs]
+        end_times_s: list[float] = []
+        for k in range(horizon):
+            if now_s >= next_event_s:  # an arrival at or before this dispatch joins it
+                break
+            step_s = self.cost_model.step_time_s(ones, tuple((context0 + k).tolist()), num_seqs)
+            now_s = now_s + step_s
+            end_times_s.append(now_s)
+            stats.busy_s += step_s
+        scheduler.coast(end_times_s)
+        stats.num_steps += len(end_times_s)
+        stats.num_tokens_computed += num_seqs * len(end_times_s)
+        stats.num_tokens_priced += num_seqs * len(end_times_s)
+        loop.now_s = now_s
+        return now_s
 
 
 def reject(req: Request, reason: str) -> None:

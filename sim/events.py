@@ -47,6 +47,10 @@ class EventLoop:
         self.now_s = event.time_s
         return event
 
+    def peek_time_s(self) -> float:
+        """Time of the next event (inf when none)."""
+        return self._heap[0].time_s if self._heap else float("inf")
+
     def __bool__(self) -> bool:
         return bool(self._heap)
 

@@ -1,9 +1,9 @@
 """Executors run a step plan: the functional one computes real tokens, the timing one does not.
 
-`NumpyExecutor` (in `sim.numpy_executor`, imported only in functional mode) runs the NumPy model over the step's sequences (one flattened forward through the
-KV store, or, for the no-KV-cache baseline, a full recompute of each sequence) and samples each
-finished sequence's next token from its own random stream. It never reads the clock, so tokens
-cannot depend on the hardware profile (DESIGN.md rule 2). `TimingExecutor` returns no token values:
+`NumpyExecutor` (in `sim.numpy_executor`, imported only in functional mode) runs the NumPy model
+over the step's sequences and samples each finished sequence's next token from its own random
+stream. It never reads the clock, so tokens cannot depend on the hardware profile (DESIGN.md
+rule 2). `TimingExecutor` returns no token values:
 the scheduler only counts.
 
 References: vLLM `vllm/v1/worker/gpu_model_runner.py` (flattened varlen batches).

@@ -84,7 +84,7 @@ class LLM:
                 f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one, or "
                 "one per prompt"
             )
-        requests = []
+        requests: list[Request] = []
         for prompt, params in zip(prompts, params_list, strict=True):
             text, ids = self._encode(prompt)
             if not ids:

@@ -18,7 +18,7 @@ from sim.engine import Engine
 from sim.engine_args import EngineArgs
 from sim.reference import generate
 from sim.request import SamplingParams, Status
-from sim.workload import RequestSpec, make_workload
+from sim.workload import make_workload
 
 MODEL = "meta-llama/Llama-2-7b-hf"
 

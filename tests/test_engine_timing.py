@@ -103,7 +103,8 @@ def test_too_long_prompt_is_rejected_with_a_reason_and_others_run():
     result = engine.run(specs)
     by_id = {r.request_id: r for r in result.requests}
     assert by_id["too-long"].status is Status.REJECTED
-    assert "longer than max_model_len=128" in by_id["too-long"].reject_reason
+    reason = by_id["too-long"].reject_reason
+    assert reason == "prompt longer than max_model_len: 500 tokens > max_model_len=128"
     assert by_id["ok"].status is by_id["ok2"].status is Status.FINISHED
     assert result.summary.num_rejected == 1 and result.summary.num_completed == 2
 
@@ -166,3 +167,27 @@ def test_max_model_len_beyond_kv_capacity_is_an_error():
 def test_max_model_len_beyond_the_model_is_an_error():
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         timing_engine(max_model_len=8192)
+
+
+@pytest.mark.parametrize("limits", [
+    {"max_num_seqs": 6},  # the queue head is blocked by the sequence limit
+    {"max_num_batched_tokens": 120, "max_model_len": 120},  # ... by the token budget
+    {"kv_cache": "none"},
+    {"hardware": "l4", "max_model_len": 4096, "gpu_memory_utilization": 0.7},  # ... by KV
+])
+@pytest.mark.parametrize("rate", [2.0, 50.0, math.inf])
+def test_coasting_is_identical_to_step_by_step(limits, rate):
+    """The timing-only fast path for plain-decode stretches changes nothing but speed."""
+    def run(coast: bool):
+        engine = timing_engine(**limits)
+        engine.coast_enabled = coast
+        specs = make_workload(50, rate, 48, 30, seed=4)
+        result = engine.run(specs)
+        times = [(r.request_id, r.first_token_s, r.finished_s, tuple(r.token_times_s))
+                 for r in result.requests]
+        return times, result.stats
+
+    fast, fast_stats = run(True)
+    slow, slow_stats = run(False)
+    assert fast == slow
+    assert fast_stats == slow_stats
