@@ -287,6 +287,8 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
     sliding_window = cfg.get("sliding_window")
     if is_qwen and not cfg.get("use_sliding_window", False):
         sliding_window = None  # Qwen2 carries a window size but only uses it when asked
+    if model_type == "llama":
+        sliding_window = None  # transformers' Llama ignores the field
     moe: dict[str, Any] = {}
     if model_type == "mixtral":
         moe = {
@@ -317,7 +319,7 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if is_qwen else attention_bias,
+        qkv_bias=bool(cfg.get("qkv_bias", True)) if is_qwen else attention_bias,
         o_bias=False if is_qwen else attention_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=int(sliding_window) if sliding_window else None,
