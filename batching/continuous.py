@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from batching.admission import never_runs
 from batching.base import ScheduledSeq, StepPlan, StepResult, shape_of
 from batching.commit import StopCriteria, commit_step, finish
 from cache.base import KVCacheManager
@@ -38,28 +39,11 @@ class ContinuousScheduler:
         # schedule() and nothing has been freed since
         self._head_blocked = False
 
-    def max_step_tokens(self, request: Request) -> int:
-        """The most tokens one step of this request can need: its prompt, or with no KV cache
-        the longest sequence it may grow to (all recomputed at once)."""
-        if self.kv.retains_kv:
-            return request.num_prompt_tokens
-        return max_len(request, self.stop.max_model_len)
-
     def add(self, request: Request) -> str | None:
-        longest = max_len(request, self.stop.max_model_len)
-        if request.num_prompt_tokens > self.stop.max_model_len:
-            return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
-                    f"max_model_len={self.stop.max_model_len}")
-        need = self.max_step_tokens(request)
-        if need > self.max_num_batched_tokens:
-            return (f"step larger than max_num_batched_tokens: one step of this request needs "
-                    f"{need} tokens > max_num_batched_tokens={self.max_num_batched_tokens}; "
-                    "raise max_num_batched_tokens")
-        reason = self.kv.never_fits(request, longest)
-        if reason is not None:
-            return reason
-        self.waiting.append(request)
-        return None
+        reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens)
+        if reason is None:
+            self.waiting.append(request)
+        return reason
 
     def schedule(self, now_s: float) -> StepPlan | None:
         budget = self.max_num_batched_tokens
@@ -143,9 +127,3 @@ class ContinuousScheduler:
         self.running, self.waiting = [], deque()
         return aborted
 
-
-def max_len(request: Request, max_model_len: int) -> int:
-    """The longest this request may grow: prompt + max_tokens, capped by max_model_len."""
-    if request.sampling.max_tokens is None:
-        return max_model_len
-    return min(max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections import deque
 
+from batching.admission import never_runs
 from batching.base import ScheduledSeq, StepPlan, StepResult
 from batching.commit import StopCriteria, commit_step, finish
-from batching.continuous import max_len
 from cache.base import KVCacheManager
 from sim.cost_model import StepShape
 from sim.request import Request, Status
@@ -41,20 +41,10 @@ class StaticScheduler:
         self.batch: list[Request] = []  # members keep their slot until the batch ends
 
     def add(self, request: Request) -> str | None:
-        if request.num_prompt_tokens > self.stop.max_model_len:
-            return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
-                    f"max_model_len={self.stop.max_model_len}")
-        longest = max_len(request, self.stop.max_model_len)
-        need = request.num_prompt_tokens if self.kv.retains_kv else longest
-        if need > self.max_num_batched_tokens:
-            return (f"step larger than max_num_batched_tokens: one step of this request needs "
-                    f"{need} tokens > max_num_batched_tokens={self.max_num_batched_tokens}; "
-                    "raise max_num_batched_tokens")
-        reason = self.kv.never_fits(request, longest)
-        if reason is not None:
-            return reason
-        self.waiting.append(request)
-        return None
+        reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens)
+        if reason is None:
+            self.waiting.append(request)
+        return reason
 
     def _launch(self, now_s: float) -> None:
         """Form a new batch from the head of the queue (padded prompts must fit the budget)."""

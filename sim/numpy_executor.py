@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from batching.admission import max_len
 from batching.base import StepPlan, StepResult
 from cache.kv_store import ContiguousKVStore
 from sim.numpy_model import NumpyModel, SeqChunk
@@ -28,11 +29,6 @@ class NumpyExecutor:
         self.max_model_len = max_model_len
         self.store = ContiguousKVStore(cfg.n_layer, cfg.n_kv_head, cfg.d_head, model.dtype)
 
-    def _capacity(self, request: Request) -> int:
-        if request.sampling.max_tokens is None:
-            return self.max_model_len
-        return min(self.max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)
-
     def _logits(self, plan: StepPlan) -> list[np.ndarray | None]:
         """Next-token logits [n_vocab] for each sequence that samples this step (else None)."""
         if not self.retains_kv:
@@ -45,7 +41,7 @@ class NumpyExecutor:
         for s in plan.seqs:
             req = s.request
             if not self.store.has(req.request_id):
-                self.store.allocate(req.request_id, self._capacity(req))
+                self.store.allocate(req.request_id, max_len(req, self.max_model_len))
             ids = np.asarray(req.token_ids_slice(s.start, s.end), dtype=np.int64)  # [n_new]
             chunks.append(SeqChunk(req.request_id, ids, s.start, 1 if s.samples else 0))
         logits = self.model.forward_step(chunks, self.store)  # [n_sampling, n_vocab]
