@@ -7,11 +7,19 @@ from collections.abc import Callable
 
 from batching.base import Scheduler
 from batching.continuous import ContinuousScheduler
-from batching.static import StaticScheduler
+from batching.static import DynamicScheduler, StaticScheduler
 
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "static": StaticScheduler,
+    "dynamic": DynamicScheduler,
     "continuous": ContinuousScheduler,
 }
 
-__all__ = ["SCHEDULERS", "ContinuousScheduler", "StaticScheduler"]
+# engine arguments each scheduler takes beyond (kv, stop, max_num_seqs, max_num_batched_tokens)
+SCHEDULER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "static": ("max_wait_s",),
+    "dynamic": ("preferred_batch_sizes", "max_queue_delay_s"),
+    "continuous": (),
+}
+
+__all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "ContinuousScheduler", "DynamicScheduler", "StaticScheduler"]

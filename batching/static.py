@@ -1,7 +1,12 @@
-"""Static (request-level) batching: a batch is formed, runs to completion, then the next one.
+"""Static and dynamic (request-level) batching: a batch is formed, runs to completion, then the
+next one.
 
 As in HF `generate` or FasterTransformer: up to `max_num_seqs` waiting requests form a batch when
-the engine is idle; prompts are padded to the longest one; every member keeps its slot (and is
+the engine is idle and the batch is full or its oldest request has waited `max_wait_s` (0: launch
+with whatever is waiting). Dynamic batching (Triton's dynamic batcher) launches as soon as one of
+its `preferred_batch_sizes` can be formed (the largest such), else once the oldest request has
+waited `max_queue_delay_s`; static batching is the special case of one preferred size,
+`max_num_seqs`. Prompts are padded to the longest one; every member keeps its slot (and is
 priced) until the *longest* member finishes, and all results are returned together when the batch
 ends. New arrivals wait for the whole batch. This is the baseline continuous batching beats.
 
@@ -10,7 +15,8 @@ decode step `B` tokens at the longest context, finished members included. What i
 functionally is only the live members' real tokens (the padding would not change their tokens).
 
 References: Yu et al., OSDI'22 (Orca), section 2.3 on request-level scheduling; NVIDIA
-FasterTransformer; HF transformers `generate`.
+FasterTransformer; HF transformers `generate`; NVIDIA Triton Inference Server, "Dynamic Batcher"
+(preferred_batch_size, max_queue_delay_microseconds).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from batching.base import ScheduledSeq, StepPlan, StepResult
 from batching.commit import StopCriteria, commit_step, finish
 from cache.base import KVCacheManager
 from sim.cost_model import StepShape
+from sim.errors import ConfigError
 from sim.request import Request, Status
 
 
@@ -32,13 +39,40 @@ class StaticScheduler:
         stop: StopCriteria,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        max_wait_s: float = 0.0,
+        preferred_batch_sizes: tuple[int, ...] = (),
     ) -> None:
+        if not max_wait_s >= 0:
+            raise ConfigError(f"max_wait_s must be >= 0 seconds, got {max_wait_s}")
+        if any(not 1 <= size <= max_num_seqs for size in preferred_batch_sizes):
+            raise ConfigError(
+                f"preferred_batch_sizes {preferred_batch_sizes} must lie in 1..max_num_seqs "
+                f"({max_num_seqs})"
+            )
         self.kv = kv
         self.stop = stop
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_wait_s = max_wait_s
+        self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes) or {max_num_seqs}))
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # members keep their slot until the batch ends
+
+    def _batch_size_now(self, now_s: float) -> int:
+        """How many waiting requests to launch now (0: keep waiting)."""
+        num_waiting = len(self.waiting)
+        formable = [size for size in self.preferred_batch_sizes if size <= num_waiting]
+        if formable:
+            return formable[-1]
+        if num_waiting and now_s - self.waiting[0].arrival_s >= self.max_wait_s:
+            return min(num_waiting, self.max_num_seqs)
+        return 0
+
+    def next_wakeup_s(self, now_s: float) -> float | None:
+        """When an idle engine should look again even if nothing arrives (the wait expires)."""
+        if self.batch or not self.waiting:
+            return None
+        return self.waiting[0].arrival_s + self.max_wait_s
 
     def add(self, request: Request) -> str | None:
         reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens)
@@ -46,10 +80,11 @@ class StaticScheduler:
             self.waiting.append(request)
         return reason
 
-    def _launch(self, now_s: float) -> None:
-        """Form a new batch from the head of the queue (padded prompts must fit the budget)."""
+    def _launch(self, now_s: float, size: int) -> None:
+        """Form a batch of up to `size` from the head of the queue (padded prompts must fit the
+        token budget and every member its KV reservation)."""
         longest_prompt = 0
-        while self.waiting and len(self.batch) < self.max_num_seqs:
+        while self.waiting and len(self.batch) < size:
             req = self.waiting[0]
             padded = max(longest_prompt, req.num_prompt_tokens) * (len(self.batch) + 1)
             if self.batch and padded > self.max_num_batched_tokens:
@@ -64,7 +99,7 @@ class StaticScheduler:
 
     def schedule(self, now_s: float) -> StepPlan | None:
         if not self.batch:
-            self._launch(now_s)
+            self._launch(now_s, self._batch_size_now(now_s))
         live = [r for r in self.batch if r.finish_reason is None]
         if not live:
             return None
@@ -99,3 +134,23 @@ class StaticScheduler:
             self.kv.free(req)
         self.batch, self.waiting = [], deque()
         return aborted
+
+
+class DynamicScheduler(StaticScheduler):
+    """Triton-style dynamic batching (see the module docstring)."""
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        stop: StopCriteria,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preferred_batch_sizes: tuple[int, ...] = (),
+        max_queue_delay_s: float = 0.05,
+    ) -> None:
+        # default preferred sizes: powers of two from 4 up to max_num_seqs
+        sizes = preferred_batch_sizes or tuple(
+            2**i for i in range(2, max_num_seqs.bit_length()) if 2**i <= max_num_seqs
+        ) or (max_num_seqs,)
+        super().__init__(kv, stop, max_num_seqs, max_num_batched_tokens,
+                         max_wait_s=max_queue_delay_s, preferred_batch_sizes=sizes)

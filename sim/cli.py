@@ -7,6 +7,7 @@ Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -40,7 +41,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="none: recompute the whole sequence every step; contiguous: reserve "
                         "max_model_len per request")
     g.add_argument("--scheduler", default="continuous", choices=SCHEDULER_CHOICES,
-                   help="static: request-level batches; continuous: iteration-level (Orca/vLLM)")
+                   help="static: request-level batches; dynamic: request-level, Triton-style "
+                        "preferred sizes and queue delay; continuous: iteration-level (Orca/vLLM)")
+    g.add_argument("--max-wait-s", type=float, default=0.0,
+                   help="static: launch a batch when full or once its oldest request waited this")
+    g.add_argument("--preferred-batch-sizes", type=int, nargs="+", default=(),
+                   help="dynamic: launch as soon as one of these batch sizes can be formed")
+    g.add_argument("--max-queue-delay-s", type=float, default=0.05,
+                   help="dynamic: launch whatever is waiting once the oldest waited this long")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -49,13 +57,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model, hardware=ns.hardware, dtype=ns.dtype, mode=ns.mode, seed=ns.seed,
-        kv_cache=ns.kv_cache, scheduler=ns.scheduler, max_model_len=ns.max_model_len,
-        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        tensor_parallel_size=ns.tensor_parallel_size,
-    )
+    """EngineArgs from every parsed flag whose name is an engine argument (same spelling)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{key: value for key, value in vars(ns).items() if key in names})
 
 
 def build_parser() -> argparse.ArgumentParser:

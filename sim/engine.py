@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from batching import SCHEDULERS
+from batching import SCHEDULER_OPTIONS, SCHEDULERS
 from batching.base import Scheduler, StepPlan
 from batching.commit import StopCriteria
 from cache import KV_CACHES
@@ -123,8 +123,10 @@ class Engine:
 
     def _scheduler(self, kv: KVCacheManager) -> Scheduler:
         stop = StopCriteria(self.eos_token_ids, self.max_model_len)
-        return SCHEDULERS[self.args.scheduler](
-            kv, stop, self.args.max_num_seqs, self.max_num_batched_tokens
+        name = self.args.scheduler
+        options = {key: getattr(self.args, key) for key in SCHEDULER_OPTIONS[name]}
+        return SCHEDULERS[name](
+            kv, stop, self.args.max_num_seqs, self.max_num_batched_tokens, **options
         )
 
     def _executor(self, retains_kv: bool) -> Executor:
@@ -248,7 +250,10 @@ class Engine:
                     continue
                 plan = scheduler.schedule(now_s)
                 if plan is None:
-                    if scheduler.has_work() and not loop:
+                    wake_s = self._wakeup_s(scheduler, now_s)
+                    if wake_s is not None:
+                        loop.schedule(wake_s, DISPATCH)
+                    elif scheduler.has_work() and not loop:
                         for req in scheduler.abort_all("stalled"):
                             reject(req, "stalled: nothing was running and the request still "
                                    "could not be scheduled within the engine's limits")
@@ -261,6 +266,13 @@ class Engine:
         summary = metrics.summary()
         return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
                                 self.description)
+
+    @staticmethod
+    def _wakeup_s(scheduler: Scheduler, now_s: float) -> float | None:
+        """A future time an idle scheduler wants to look again (a batching wait expiring)."""
+        next_wakeup = getattr(scheduler, "next_wakeup_s", None)
+        wake_s = next_wakeup(now_s) if next_wakeup is not None else None
+        return wake_s if wake_s is not None and wake_s > now_s else None
 
     def _price(self, plan: StepPlan, stats: StepStats) -> float:
         shape = plan.shape

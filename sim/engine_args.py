@@ -22,7 +22,7 @@ from sim.model_zoo import DEFAULT_MODEL
 
 MODES = ("functional", "timing")
 KV_CACHE_CHOICES = ("none", "contiguous")
-SCHEDULER_CHOICES = ("static", "continuous")
+SCHEDULER_CHOICES = ("static", "dynamic", "continuous")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
 
 
@@ -42,6 +42,11 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     functional_model: str | None = None
+    # request-level batching: static launches when full or after max_wait_s; dynamic (Triton)
+    # as soon as a preferred batch size can be formed or after max_queue_delay_s
+    max_wait_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_s: float = 0.05
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -67,6 +72,17 @@ class EngineArgs:
         if not (0 < self.gpu_memory_utilization <= 1 and math.isfinite(self.gpu_memory_utilization)):
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        for name in ("max_wait_s", "max_queue_delay_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        object.__setattr__(self, "preferred_batch_sizes",
+                           tuple(int(n) for n in self.preferred_batch_sizes))
+        if any(n < 1 or n > self.max_num_seqs for n in self.preferred_batch_sizes):
+            raise ConfigError(
+                f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in 1..max_num_seqs "
+                f"({self.max_num_seqs})"
             )
         if self.tensor_parallel_size > 1:
             raise ConfigError(
