@@ -38,6 +38,7 @@ from sim.memory_plan import MemoryPlan, plan_memory
 from sim.metrics import MetricsCollector, RequestTimes, Summary
 from sim.model_zoo import resolve_model
 from sim.request import Request, SamplingParams, Status
+from sim.step_series import StepSeries
 from sim.workload import RequestSpec
 
 
@@ -59,6 +60,7 @@ class SimulationResult:
     stats: StepStats
     wall_s: float
     description: str
+    steps: StepSeries | None = None
 
 
 class Engine:
@@ -172,11 +174,13 @@ class Engine:
         requests: Iterable[Request | RequestSpec],
         keep_requests: bool = True,
         on_finish: Callable[[Request], None] | None = None,
+        record_steps: bool = False,
     ) -> SimulationResult:
         """Simulate `requests` (sorted by arrival) to completion.
 
         `keep_requests=False` keeps only streaming metrics (flat memory for huge workloads);
-        `on_finish` sees each request as it ends (e.g. a progress bar).
+        `on_finish` sees each request as it ends (e.g. a progress bar); `record_steps` keeps a
+        per-step time series (`SimulationResult.steps`).
         """
         wall_start = time.perf_counter()
         kv = self._kv_manager()
@@ -184,6 +188,7 @@ class Engine:
         executor = self._executor(kv.retains_kv)
         metrics = MetricsCollector()
         stats = StepStats()
+        steps = StepSeries() if record_steps else None
         loop = EventLoop()
         kept: list[Request] = []
         source = iter(requests)
@@ -232,7 +237,7 @@ class Engine:
                 for req in scheduler.update(plan, result, now_s):
                     ended(req)
                 if coast:
-                    now_s = self._coast(scheduler, loop, stats)
+                    now_s = self._coast(scheduler, loop, stats, steps)
                 busy = False
                 dispatch_soon(now_s)
             elif event.priority == ARRIVAL:
@@ -261,11 +266,13 @@ class Engine:
                     continue
                 busy = True
                 step_s = self._price(plan, stats)
+                if steps is not None:
+                    record_step(steps, plan, now_s, now_s + step_s, scheduler, kv)
                 result = executor.run(plan)
                 loop.schedule(now_s + step_s, STEP_DONE, (plan, result))
         summary = metrics.summary()
         return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
-                                self.description)
+                                self.description, steps)
 
     @staticmethod
     def _wakeup_s(scheduler: Scheduler, now_s: float) -> float | None:
@@ -284,7 +291,8 @@ class Engine:
         stats.num_tokens_priced += shape.total_new_tokens
         return step_s
 
-    def _coast(self, scheduler: Any, loop: EventLoop, stats: StepStats) -> float:
+    def _coast(self, scheduler: Any, loop: EventLoop, stats: StepStats,
+               steps: StepSeries | None) -> float:
         """Run the plain-decode steps the scheduler certifies, each priced and committed at its
         own end time exactly as the event loop would, stopping before the next arrival."""
         now_s = loop.now_s
@@ -301,6 +309,10 @@ class Engine:
             if now_s >= next_event_s:  # an arrival at or before this dispatch joins it
                 break
             step_s = self.cost_model.step_time_s(ones, tuple((context0 + k).tolist()), num_seqs)
+            if steps is not None:
+                held = int(context0.sum()) + (k + 1) * num_seqs
+                steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
+                          len(scheduler.waiting), held, scheduler.kv.num_reserved_tokens())
             now_s = now_s + step_s
             end_times_s.append(now_s)
             stats.busy_s += step_s
@@ -310,6 +322,15 @@ class Engine:
         stats.num_tokens_priced += num_seqs * len(end_times_s)
         loop.now_s = now_s
         return now_s
+
+
+def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
+                scheduler: Any, kv: KVCacheManager) -> None:
+    decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
+    computed = plan.num_new_tokens
+    held = sum(s.end for s in plan.seqs) if kv.retains_kv else 0
+    steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
+              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens())
 
 
 def reject(req: Request, reason: str) -> None:

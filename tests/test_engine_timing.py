@@ -182,10 +182,10 @@ def test_coasting_is_identical_to_step_by_step(limits, rate):
         engine = timing_engine(**limits)
         engine.coast_enabled = coast
         specs = make_workload(50, rate, 48, 30, seed=4)
-        result = engine.run(specs)
+        result = engine.run(specs, record_steps=True)
         times = [(r.request_id, r.first_token_s, r.finished_s, tuple(r.token_times_s))
                  for r in result.requests]
-        return times, result.stats
+        return times, (result.stats, result.steps.rows)
 
     fast, fast_stats = run(True)
     slow, slow_stats = run(False)

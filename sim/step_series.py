@@ -1,0 +1,58 @@
+"""Per-step observability: a time series of what every engine step did.
+
+For each step: when it started and ended, how many sequences ran, how many prefill and decode
+tokens it computed, how many requests were still waiting, how many tokens of real KV the step's
+sequences hold after it, and how much KV capacity all requests hold (reserved, including
+reserved-but-unused). Recording is opt-in
+(`Engine.run(..., record_steps=True)`) so that long timing-only runs keep flat memory.
+
+References: vLLM's per-iteration scheduler stats (`vllm/v1/metrics/stats.py`); Orca (OSDI'22)
+Fig. 8-style batch composition over time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ("start_s", "end_s", "num_seqs", "num_prefill_tokens", "num_decode_tokens",
+           "num_waiting", "kv_used_tokens", "kv_reserved_tokens")
+
+
+@dataclass
+class StepSeries:
+    """Columns of equal length, one row per engine step."""
+
+    rows: list[tuple[float, float, int, int, int, int, int, int]] = field(default_factory=list)
+
+    def add(self, start_s: float, end_s: float, num_seqs: int, num_prefill_tokens: int,
+            num_decode_tokens: int, num_waiting: int, kv_used_tokens: int,
+            kv_reserved_tokens: int) -> None:
+        self.rows.append((start_s, end_s, num_seqs, num_prefill_tokens, num_decode_tokens,
+                          num_waiting, kv_used_tokens, kv_reserved_tokens))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Each column as a NumPy array [num_steps]."""
+        table = np.array(self.rows, dtype=np.float64).reshape(-1, len(COLUMNS))  # [n, n_col]
+        return {name: table[:, i] for i, name in enumerate(COLUMNS)}
+
+    def summary(self) -> dict[str, Any]:
+        cols = self.columns()
+        if not len(self):
+            return {"num_steps": 0}
+        tokens = cols["num_prefill_tokens"] + cols["num_decode_tokens"]  # [n]
+        return {
+            "num_steps": len(self),
+            "mean_batch_size": float(cols["num_seqs"].mean()),
+            "max_batch_size": int(cols["num_seqs"].max()),
+            "mean_tokens_per_step": float(tokens.mean()),
+            "prefill_token_fraction": float(cols["num_prefill_tokens"].sum() / max(tokens.sum(), 1)),
+            "max_num_waiting": int(cols["num_waiting"].max()),
+            "max_kv_used_tokens": int(cols["kv_used_tokens"].max()),
+            "max_kv_reserved_tokens": int(cols["kv_reserved_tokens"].max()),
+        }
