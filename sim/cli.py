@@ -49,6 +49,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="dynamic: launch as soon as one of these batch sizes can be formed")
     g.add_argument("--max-queue-delay-s", type=float, default=0.05,
                    help="dynamic: launch whatever is waiting once the oldest waited this long")
+    a = p.add_argument_group("admission control (reject at arrival, with a reason)")
+    a.add_argument("--admission-max-waiting", type=int, default=None,
+                   help="queue limit: reject when this many requests already wait")
+    a.add_argument("--admission-rate-per-s", type=float, default=None,
+                   help="token bucket: sustained admissions per second")
+    a.add_argument("--admission-burst", type=int, default=1, help="token bucket: burst size")
+    a.add_argument("--admission-ttft-slo-s", type=float, default=None,
+                   help="reject when the predicted TTFT already exceeds this SLO")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from batching import SCHEDULER_OPTIONS, SCHEDULERS
+from batching.admission import AdmissionControl
 from batching.base import Scheduler, StepPlan
 from batching.commit import StopCriteria
 from cache import KV_CACHES
@@ -50,6 +51,8 @@ class StepStats:
     busy_s: float = 0.0
     num_tokens_computed: int = 0
     num_tokens_priced: int = 0
+    num_preemptions: int = 0
+    swap_s: float = 0.0  # KV swap transfers over the host link (included in busy_s)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Engine:
             self.model_config, self.hardware, dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            block_size=args.block_size,
         )
         if args.kv_cache != "none" and self.memory.num_kv_tokens < self.max_model_len:
             raise ConfigError(
@@ -113,15 +117,53 @@ class Engine:
             self.functional_description = f"{model.config.name} ({args.functional_dtype})"
         self.description = (
             f"functional: {self.functional_description}; timing: {self.model_config.name} "
-            f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={args.kv_cache}, "
+            f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={self.kv_text}, "
             f"scheduler={args.scheduler}"
         )
 
+    @property
+    def kv_text(self) -> str:
+        """The KV-cache choice with its options, for report headers."""
+        a = self.args
+        if a.kv_cache == "paged":
+            extra = ", prefix caching" if a.enable_prefix_caching else ""
+            swap = f" {a.swap_space:g} GiB" if a.preemption_mode == "swap" else ""
+            return f"paged (block {a.block_size}{extra}, preemption {a.preemption_mode}{swap})"
+        if a.kv_cache == "contiguous":
+            return f"contiguous ({a.contiguous_reservation})"
+        return a.kv_cache
+
     # ------------------------------------------------------------------ building blocks
     def _kv_manager(self) -> KVCacheManager:
-        if self.args.kv_cache == "none":
+        args = self.args
+        if args.kv_cache == "none":
             return KV_CACHES["none"]()
-        return KV_CACHES[self.args.kv_cache](self.memory.num_kv_tokens, self.max_model_len)
+        if args.kv_cache == "paged":
+            return KV_CACHES["paged"](
+                self.memory.num_kv_blocks, args.block_size,
+                enable_prefix_caching=args.enable_prefix_caching,
+                preemption_mode=args.preemption_mode,
+                num_swap_blocks=int(args.swap_space * 2**30 // self.kv_block_bytes))
+        return KV_CACHES[args.kv_cache](self.memory.num_kv_tokens, self.max_model_len,
+                                        args.contiguous_reservation)
+
+    @property
+    def kv_block_bytes(self) -> float:
+        """Bytes of one KV block of the target model on one GPU (what a swap moves)."""
+        return self.memory.kv_bytes_per_token * self.args.block_size
+
+    def _swap_s(self, kv: KVCacheManager, stats: StepStats) -> float:
+        """Host-link time of the KV blocks swapped out and in for the step just planned."""
+        take = getattr(kv, "take_swapped_blocks", None)
+        if take is None:
+            return 0.0
+        num_out, num_in = take()
+        link, eff = self.hardware.host_link, self.hardware.efficiency["host_link_bandwidth"]
+        swap_s = (link.transfer_s(num_out * self.kv_block_bytes, eff)
+                  + link.transfer_s(num_in * self.kv_block_bytes, eff))
+        stats.swap_s += swap_s
+        stats.busy_s += swap_s
+        return swap_s
 
     def _scheduler(self, kv: KVCacheManager) -> Scheduler:
         stop = StopCriteria(self.eos_token_ids, self.max_model_len)
@@ -131,19 +173,21 @@ class Engine:
             kv, stop, self.args.max_num_seqs, self.max_num_batched_tokens, **options
         )
 
-    def _executor(self, retains_kv: bool) -> Executor:
+    def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
         if self.args.mode == "timing":
             return TimingExecutor()
         from sim.numpy_executor import NumpyExecutor
 
-        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len)
+        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len, kv)
 
     def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
         """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
         (vLLM benchmark_serving's convention), random prompt ids in functional mode."""
         params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
         ids = None
-        if self.args.mode == "functional":
+        if self.args.enable_prefix_caching and spec.prompt_token_ids is not None:
+            ids = list(spec.prompt_token_ids)  # timing mode too: prefix caching hashes ids
+        elif self.args.mode == "functional":
             if spec.prompt_token_ids is not None:
                 ids = list(spec.prompt_token_ids)
             else:
@@ -164,7 +208,9 @@ class Engine:
         return Request(
             request_id=request_id, index=index, num_prompt_tokens=num_prompt_tokens,
             sampling=params, arrival_s=arrival_s, rng=rng, prompt=prompt,
-            prompt_token_ids=prompt_token_ids if functional else None, keep_tokens=functional,
+            prompt_token_ids=(prompt_token_ids if functional or self.args.enable_prefix_caching
+                              else None),
+            keep_tokens=functional,
             logprobs=[] if params.logprobs is not None and functional else None,
         )
 
@@ -185,7 +231,7 @@ class Engine:
         wall_start = time.perf_counter()
         kv = self._kv_manager()
         scheduler = self._scheduler(kv)
-        executor = self._executor(kv.retains_kv)
+        executor = self._executor(kv.retains_kv, kv)
         metrics = MetricsCollector()
         stats = StepStats()
         steps = StepSeries() if record_steps else None
@@ -195,6 +241,8 @@ class Engine:
         index = 0
         last_arrival_s = 0.0
         busy = dispatch_pending = False
+        busy_until_s = 0.0  # end of the step in flight
+        admission = self.admission_control()
         # timing-only: run certain plain-decode stretches without a plan per step
         coast = (self.coast_enabled and self.args.mode == "timing"
                  and hasattr(scheduler, "coast_horizon"))
@@ -237,12 +285,17 @@ class Engine:
                 for req in scheduler.update(plan, result, now_s):
                     ended(req)
                 if coast:
-                    now_s = self._coast(scheduler, loop, stats, steps)
+                    now_s = busy_until_s = self._coast(scheduler, loop, stats, steps)
                 busy = False
                 dispatch_soon(now_s)
             elif event.priority == ARRIVAL:
                 req = event.payload
-                reason = scheduler.add(req)
+                reason = None
+                if admission.active:
+                    reason = admission.check(req, now_s, getattr(scheduler, "waiting", ()),
+                                             busy_until_s)
+                if reason is None:
+                    reason = scheduler.add(req)
                 if reason is not None:
                     reject(req, reason)
                     ended(req)
@@ -265,14 +318,26 @@ class Engine:
                             ended(req)
                     continue
                 busy = True
-                step_s = self._price(plan, stats)
+                step_s = self._price(plan, stats) + self._swap_s(kv, stats)
                 if steps is not None:
                     record_step(steps, plan, now_s, now_s + step_s, scheduler, kv)
                 result = executor.run(plan)
-                loop.schedule(now_s + step_s, STEP_DONE, (plan, result))
+                busy_until_s = now_s + step_s
+                loop.schedule(busy_until_s, STEP_DONE, (plan, result))
+        stats.num_preemptions = getattr(scheduler, "num_preemptions", 0)
         summary = metrics.summary()
         return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
                                 self.description, steps)
+
+    def admission_control(self) -> AdmissionControl:
+        a = self.args
+        cost = self.cost_model
+
+        def prefill_s(num_tokens: int) -> float:
+            return cost.step_time_s((max(num_tokens, 1),), (0,), 1)
+
+        return AdmissionControl(a.admission_max_waiting, a.admission_rate_per_s,
+                                a.admission_burst, a.admission_ttft_slo_s, prefill_s)
 
     @staticmethod
     def _wakeup_s(scheduler: Scheduler, now_s: float) -> float | None:
@@ -351,6 +416,8 @@ def request_times(req: Request) -> RequestTimes:
         token_times_s=req.token_times_s,
         num_prompt_tokens=req.num_prompt_tokens,
         num_output_tokens=req.num_output_tokens,
+        num_cached_prompt_tokens=0 if rejected else min(req.num_cached_tokens,
+                                                        req.num_prompt_tokens),
         finish_reason=req.finish_reason or "aborted",
         reject_reason=req.reject_reason,
     )

@@ -1,7 +1,9 @@
 """Engine arguments, with vLLM's names wherever vLLM has one.
 
 Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy tokens;
-`timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`), `scheduler` (`static`,
+`timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`, `paged`; with
+`block_size`, `enable_prefix_caching`, `contiguous_reservation` = `max_len` | `pow2` | `oracle`,
+`preemption_mode` = `recompute` | `swap` and `swap_space` GiB), `scheduler` (`static`,
 `continuous`), `functional_model` (what computes tokens when it should differ from `model`, the
 shape that is priced: by default a seeded tiny proxy of a built-in shape, or the real weights of a
 local checkpoint folder).
@@ -21,7 +23,9 @@ from sim.hardware import DEFAULT_HARDWARE
 from sim.model_zoo import DEFAULT_MODEL
 
 MODES = ("functional", "timing")
-KV_CACHE_CHOICES = ("none", "contiguous")
+KV_CACHE_CHOICES = ("none", "contiguous", "paged")
+CONTIGUOUS_RESERVATIONS = ("max_len", "pow2", "oracle")
+PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULER_CHOICES = ("static", "dynamic", "continuous")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
 
@@ -42,11 +46,22 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     functional_model: str | None = None
+    # KV cache (the cache issue): paged blocks, prefix caching, contiguous baselines, preemption
+    block_size: int = 16
+    enable_prefix_caching: bool = False
+    contiguous_reservation: str = "max_len"
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's default)
     # request-level batching: static launches when full or after max_wait_s; dynamic (Triton)
     # as soon as a preferred batch size can be formed or after max_queue_delay_s
     max_wait_s: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_s: float = 0.05
+    # admission control at arrival (None: off): queue limit, token bucket, SLO-aware rejection
+    admission_max_waiting: int | None = None
+    admission_rate_per_s: float | None = None
+    admission_burst: int = 1
+    admission_ttft_slo_s: float | None = None
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -54,6 +69,8 @@ class EngineArgs:
             ("kv_cache", self.kv_cache, KV_CACHE_CHOICES),
             ("scheduler", self.scheduler, SCHEDULER_CHOICES),
             ("dtype", self.dtype, DTYPE_CHOICES),
+            ("contiguous_reservation", self.contiguous_reservation, CONTIGUOUS_RESERVATIONS),
+            ("preemption_mode", self.preemption_mode, PREEMPTION_MODES),
         ):
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -62,6 +79,14 @@ class EngineArgs:
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: quantized KV arrives with the cache "
                 "issue; use 'auto'"
             )
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size must be a power of two from 1 to 256, got "
+                              f"{self.block_size}")
+        if not (self.swap_space >= 0 and math.isfinite(self.swap_space)):
+            raise ConfigError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.enable_prefix_caching and self.kv_cache != "paged":
+            raise ConfigError("enable_prefix_caching needs kv_cache='paged' (cached prefixes "
+                              "are shared block by block)")
         for name in ("max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -77,6 +102,15 @@ class EngineArgs:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.admission_max_waiting is not None and self.admission_max_waiting < 0:
+            raise ConfigError(
+                f"admission_max_waiting must be >= 0, got {self.admission_max_waiting}")
+        for name in ("admission_rate_per_s", "admission_ttft_slo_s"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if self.admission_burst < 1:
+            raise ConfigError(f"admission_burst must be at least 1, got {self.admission_burst}")
         object.__setattr__(self, "preferred_batch_sizes",
                            tuple(int(n) for n in self.preferred_batch_sizes))
         if any(n < 1 or n > self.max_num_seqs for n in self.preferred_batch_sizes):
