@@ -26,23 +26,25 @@ def _axes(ax: Any, figsize: tuple[float, float] = (9, 3.5)) -> Any:
     return ax
 
 
-def plot_step_series(steps: StepSeries, ax: Any = None) -> Any:
-    """Batch size and queue length per step (left axis) and KV tokens held (right axis)."""
-    ax = _axes(ax)
+def plot_step_series(steps: StepSeries, axes: Any = None) -> Any:
+    """Two stacked panels over simulated time: running and waiting requests per step (top), and
+    KV tokens holding real tokens vs held by reservations (bottom). Returns the two axes."""
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    top, bottom = axes
     cols = steps.columns()
     t_s = cols["start_s"]  # [n_steps]
-    ax.step(t_s, cols["num_seqs"], where="post", label="running sequences")
-    ax.step(t_s, cols["num_waiting"], where="post", label="waiting requests", alpha=0.7)
-    ax.set(xlabel="simulated time (s)", ylabel="requests")
-    right = ax.twinx()
-    right.plot(t_s, cols["kv_used_tokens"], color="tab:green", alpha=0.6, label="KV tokens used")
-    right.plot(t_s, cols["kv_reserved_tokens"], color="tab:red", alpha=0.4, ls="--",
-               label="KV tokens reserved")
-    right.set_ylabel("KV tokens")
-    lines = ax.get_legend_handles_labels()
-    more = right.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
-    return ax
+    top.step(t_s, cols["num_seqs"], where="post", label="running sequences")
+    top.step(t_s, cols["num_waiting"], where="post", label="waiting requests", alpha=0.8)
+    top.set(ylabel="requests")
+    top.legend(loc="upper right", fontsize=8)
+    bottom.step(t_s, cols["kv_reserved_tokens"], where="post", color="tab:red", alpha=0.6,
+                label="KV tokens reserved")
+    bottom.step(t_s, cols["kv_used_tokens"], where="post", color="tab:green",
+                label="KV tokens holding real tokens")
+    bottom.set(xlabel="simulated time (s)", ylabel="KV tokens")
+    bottom.legend(loc="upper right", fontsize=8)
+    return axes
 
 
 def assign_slots(requests: Sequence[Request]) -> dict[str, int]:

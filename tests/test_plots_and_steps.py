@@ -41,5 +41,5 @@ def test_plots_draw():
     result = engine.run([RequestSpec(f"r{i}", 0.0, 20, 5 + 5 * i) for i in range(4)],
                         record_steps=True)
     assert plot_gantt(result.requests).patches
-    assert plot_step_series(result.steps).lines
+    assert all(ax.lines for ax in plot_step_series(result.steps))
     assert plot_latency_throughput({"a": [(1.0, 0.1), (2.0, 0.3)]}).lines

@@ -1,0 +1,87 @@
+"""Continuous vs traditional batching, and where each policy's latency knee is.
+
+For each setup (Llama-2-7B on a100-sxm4-80gb, OPT-13B on a100-sxm4-40gb) and workload (the Azure
+conv trace's lengths, and a synthetic ShareGPT-like workload: lognormal lengths), sweep the
+request rate (Poisson) and report throughput and p50/p99 TTFT, TPOT, E2E per scheduler; then the
+highest rate each sustains under an SLO (p99 TTFT <= 2 s and p99 TPOT <= 100 ms). Timing-only.
+
+    python benchmarks/batching.py [--num-requests 600] [--rates 0.5 1 2 4 8 16]
+
+Prints tables and writes results/batching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from common import print_table, trace_path, write_json
+from tqdm import tqdm
+
+from sim.engine import Engine
+from sim.engine_args import EngineArgs
+from sim.workload import LognormalLength, load_azure_trace, make_workload, workload_from_trace
+
+SETUPS = [("meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb"), ("facebook/opt-13b", "a100-sxm4-40gb")]
+POLICIES = {
+    "static": {"scheduler": "static"},
+    "dynamic": {"scheduler": "dynamic"},
+    "continuous": {"scheduler": "continuous"},
+}
+SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.100
+
+
+def workload(name: str, num: int, rate: float, max_len: int):
+    if name == "azure-conv":
+        trace = load_azure_trace(trace_path("conv"), limit=num)
+        return workload_from_trace(trace, num_requests=num, request_rate=rate, seed=0,
+                                   max_prompt_len=max_len // 2, max_output_len=max_len // 2)
+    # ShareGPT-like: prompts median ~ 256, outputs median ~ 192 tokens, heavy tails
+    return make_workload(num, rate, LognormalLength(256, 0.9, max_len // 2),
+                         LognormalLength(192, 0.8, max_len // 2), seed=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=600)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16])
+    ns = parser.parse_args()
+    rows = []
+    grid = list(itertools.product(SETUPS, ("azure-conv", "sharegpt-like"), POLICIES, ns.rates))
+    for (model, hardware), wl, policy, rate in tqdm(grid, desc="runs"):
+        engine = Engine(EngineArgs(model=model, hardware=hardware, mode="timing",
+                                   **POLICIES[policy]))
+        result = engine.run(workload(wl, ns.num_requests, rate, engine.max_model_len),
+                            keep_requests=False)
+        s = result.summary
+        rows.append({
+            "model": model.split("/")[1], "hardware": hardware, "workload": wl,
+            "policy": policy, "rate": rate,
+            "throughput_req_s": round(s.request_throughput, 2),
+            "output_tok_s": round(s.output_throughput, 0),
+            "p50_ttft_s": round(s.ttft.median_s, 3), "p99_ttft_s": round(s.ttft.p99_s, 3),
+            "p50_tpot_ms": round(s.tpot.median_s * 1e3, 1),
+            "p99_tpot_ms": round(s.tpot.p99_s * 1e3, 1),
+            "p99_itl_ms": round(s.itl.p99_s * 1e3, 1),
+            "p50_e2e_s": round(s.e2el.median_s, 2), "p99_e2e_s": round(s.e2el.p99_s, 2),
+            "meets_slo": bool(s.ttft.p99_s <= SLO_TTFT_S and s.tpot.p99_s <= SLO_TPOT_S),
+        })
+    for (model, hardware), wl in itertools.product(SETUPS, ("azure-conv", "sharegpt-like")):
+        name = model.split("/")[1]
+        print_table(f"{name} on {hardware}, {wl} workload",
+                    [r for r in rows if r["model"] == name and r["workload"] == wl])
+    best = []
+    for (model, hardware), wl, policy in itertools.product(SETUPS, ("azure-conv", "sharegpt-like"),
+                                                           POLICIES):
+        name = model.split("/")[1]
+        ok = [r["rate"] for r in rows if r["model"] == name and r["workload"] == wl
+              and r["policy"] == policy and r["meets_slo"]]
+        best.append({"model": name, "hardware": hardware, "workload": wl, "policy": policy,
+                     "max_rate_under_slo": max(ok) if ok else 0.0})
+    print_table(f"Highest swept rate meeting p99 TTFT <= {SLO_TTFT_S} s and p99 TPOT <= "
+                f"{SLO_TPOT_S * 1e3:.0f} ms", best)
+    print(f"\nwrote {write_json('batching', {'runs': rows, 'max_rate_under_slo': best})}")
+
+
+if __name__ == "__main__":
+    main()
