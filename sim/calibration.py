@@ -159,11 +159,14 @@ def fit_params(samples: Samples, hw: HardwareProfile) -> dict[str, float]:
 
 
 def error_table(samples: Samples, predicted_s: np.ndarray) -> dict[str, dict[str, float]]:
-    """Median and p90 of |predicted / measured - 1| per op, per token range and overall."""
+    """Median and p90 of |predicted / measured - 1| per op, per token range, per tensor
+    parallel degree and overall."""
     err = np.abs(predicted_s / samples.measured_s - 1.0)  # [n_sample]
     groups: dict[str, np.ndarray] = {op: samples.op == op for op in MEASURED_OPS}
     for lo, hi in TOKEN_RANGES:
         groups[f"tokens {lo}-{hi}"] = (samples.num_tokens >= lo) & (samples.num_tokens <= hi)
+    for tp in np.unique(samples.tp).tolist():
+        groups[f"tp {tp}"] = samples.tp == tp
     groups["overall"] = np.ones(len(samples), dtype=bool)
     return {name: {"median": float(np.median(err[m])), "p90": float(np.quantile(err[m], 0.9)),
                    "n": int(m.sum())}
