@@ -1,1 +1,15 @@
-"""parallel: see README."""
+"""parallel: tensor, pipeline, expert and data parallelism, functional and timed.
+
+- `parallel.plan`: `ParallelPlan(tp, pp, ep, dp)`, divisibility and per-GPU memory checks;
+- `parallel.collectives`: ring/tree all-reduce, all-gather, all-to-all, send/recv (alpha-beta);
+- `parallel.cost`: `ParallelCostModel` (per-GPU compute + communication, pipeline stages);
+- `parallel.tensor`, `parallel.pipeline`, `parallel.expert`, `parallel.sharded_kv`: the sharded
+  NumPy model, its per-GPU KV stores and executor;
+- `parallel.data`: DP routers (`ROUTERS`); `parallel.runner`: the multi-lane engine loop;
+- `parallel.planner`: `infersim plans`.
+"""
+
+from parallel.data import ROUTERS
+from parallel.plan import ParallelPlan
+
+__all__ = ["ROUTERS", "ParallelPlan"]

@@ -1,0 +1,191 @@
+"""The timing of a parallel step: per-GPU compute from `CostModel` plus priced communication.
+
+`ParallelCostModel` wraps a `sim.cost_model.CostModel` built with `tensor_parallel_size = tp`
+(which already divides every GEMM, head and KV read over the tensor-parallel GPUs) and adds the
+`comm` part, all collectives over the profile's `gpu_link` (`parallel.collectives`), with no
+overlap of communication and compute (vLLM's default: the all-reduce sits on the critical path).
+For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = padded vocab:
+
+- **TP**: one all-reduce of [T, E] after the vocab-parallel embedding, two per layer (after the
+  row-parallel attention output and MLP down projections), and an all-gather of the [R, V]
+  vocab-parallel logits.
+- **EP** (MoE layers, ep = tp): the tokens are split over the EP ranks after attention
+  (a reduce-scatter of [T, E] replaces the attention all-reduce, as in Megatron sequence
+  parallelism), each rank dispatches its T/ep tokens' k routed copies to the experts' owners
+  and gets them back (two all-to-alls of T k E a / ep bytes per rank), then an all-gather of
+  [T, E] restores the full batch for the next attention (no MLP all-reduce). The
+  expert compute is scaled by `expert_imbalance` (busiest rank's routed tokens / mean), which
+  the functional model's real router measures (`parallel.expert.ExpertLoad`).
+- **PP**: each stage runs its contiguous layers (the LM head and sampler on the last); a
+  micro-batch crosses pp - 1 stage boundaries, each a send/recv of the hidden state and the
+  residual ([T, E] twice, as vLLM's IntermediateTensors). `stage_times_s` gives each stage's
+  busy time, which the pipelined engine (`parallel.runner`) overlaps across micro-batches.
+
+`step_time_s` is one micro-batch's latency through every stage (compute + comm + overhead).
+
+References: Shoeybi et al. 2019 (Megatron-LM: two all-reduces per layer); Narayanan et al. 2021
+(pipeline bubble, point-to-point stage transfers); Lepikhin et al. 2021 (GShard all-to-all
+dispatch/combine); Rajbhandari et al. 2022 (DeepSpeed-MoE); vLLM `vllm/distributed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from parallel.collectives import Collectives
+from parallel.plan import ParallelPlan, padded_vocab, stage_layers
+from sim.cost_model import DEFAULT_STEP_OVERHEAD_S, CostModel
+from sim.errors import ConfigError
+from sim.hardware import HardwareProfile
+from sim.model_config import ModelConfig
+from sim.step_shape import StepCost, StepShape
+
+_HEAD_PARTS = ("lm_head", "sampling")  # run on the last pipeline stage
+
+
+@dataclass(frozen=True)
+class CommBreakdown:
+    """Seconds of each kind of communication in one micro-batch (all stages together)."""
+
+    tp_all_reduce_s: float
+    ep_all_to_all_s: float
+    logits_gather_s: float
+    pp_send_recv_s: float
+
+    @property
+    def total_s(self) -> float:
+        return (self.tp_all_reduce_s + self.ep_all_to_all_s + self.logits_gather_s
+                + self.pp_send_recv_s)
+
+
+class ParallelCostModel:
+    """Prices `StepShape`s for `model` on `hardware` split by `plan` (one replica: dp ignored).
+
+    Has `CostModel`'s pricing interface (`step_cost`, `step_time_s`, `roofline_bound_s`,
+    `describe`), so the engine uses either.
+    """
+
+    def __init__(self, model: ModelConfig, hardware: HardwareProfile, plan: ParallelPlan,
+                 dtype: str | None = None, kv_cache_dtype: str | None = None,
+                 step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
+                 expert_imbalance: float = 1.0, quantization: Any = None) -> None:
+        plan.check_shapes(model)
+        if not expert_imbalance >= 1.0:
+            raise ConfigError(f"expert_imbalance is busiest / mean expert-rank load, >= 1; got "
+                              f"{expert_imbalance}")
+        self.model, self.hardware, self.plan = model, hardware, plan
+        self.base = CostModel(model, hardware, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                              tensor_parallel_size=plan.tp, step_overhead_s=0.0,
+                              quantization=quantization)
+        self.step_overhead_s = float(step_overhead_s)
+        self.expert_imbalance = float(expert_imbalance)
+        self.comm = Collectives.gpu_link(hardware)
+        self.act_bytes = float(self.base.dims.act_bytes)
+        self.stages = stage_layers(model.n_layer, plan.pp)
+        n_moe = [sum(model.is_moe_layer(i) for i in r) for r in self.stages]
+        self._stage_moe = n_moe  # MoE layers per stage
+        self._stage_dense = [len(r) - k for r, k in zip(self.stages, n_moe, strict=True)]
+        self._vocab = padded_vocab(model.n_vocab, plan.tp)
+        # the plain path: no pipeline, no expert imbalance -> base fast path + closed-form comm
+        self._simple = plan.pp == 1 and (plan.ep == 1 or expert_imbalance == 1.0)
+        self.part_names = self.base.part_names
+
+    # ------------------------------------------------------------------ communication
+    def _layer_comm_s(self, num_tokens: int, stage: int) -> tuple[float, float]:
+        """(TP all-reduce seconds, EP all-to-all seconds) of the layers of `stage`."""
+        tp, ep, c = self.plan.tp, self.plan.ep, self.comm
+        if tp == 1:
+            return 0.0, 0.0
+        hidden = num_tokens * self.model.n_embd * self.act_bytes  # [T, E] bytes
+        ar = c.all_reduce_s(hidden, tp)
+        n_moe, n_dense = self._stage_moe[stage], self._stage_dense[stage]
+        if ep == 1:
+            return 2 * (n_moe + n_dense) * ar, 0.0
+        routed = hidden * self.model.n_expert_per_tok / ep  # one rank's dispatched copies
+        ep_s = (c.reduce_scatter_s(hidden, ep) + 2 * c.all_to_all_s(routed, ep)
+                + c.all_gather_s(hidden, ep))
+        return 2 * n_dense * ar, n_moe * ep_s
+
+    def comm_breakdown(self, shape: StepShape) -> CommBreakdown:
+        return self._comm(shape.total_new_tokens, shape.total_logits)
+
+    def _comm(self, num_tokens: int, num_logits: int) -> CommBreakdown:
+        tp, c = self.plan.tp, self.comm
+        tp_s = ep_s = 0.0
+        for s in range(self.plan.pp):
+            a, b = self._layer_comm_s(num_tokens, s)
+            tp_s, ep_s = tp_s + a, ep_s + b
+        hidden = num_tokens * self.model.n_embd * self.act_bytes
+        tp_s += c.all_reduce_s(hidden, tp)  # vocab-parallel embedding
+        logits = c.all_gather_s(num_logits * self._vocab * self.act_bytes, tp)
+        pp_s = (self.plan.pp - 1) * c.send_recv_s(2 * hidden) if self.plan.pp > 1 else 0.0
+        return CommBreakdown(tp_s, ep_s, logits, pp_s)
+
+    # ------------------------------------------------------------------ stages
+    def stage_times_s(self, shape: StepShape) -> list[float]:
+        """Busy seconds of each pipeline stage for one micro-batch of `shape` (compute + its
+        TP/EP collectives; the send to the next stage and the step overhead excluded)."""
+        parts = self.base.step_cost(shape).parts
+        head = sum(parts.get(p, 0.0) for p in _HEAD_PARTS)
+        body = sum(v for k, v in parts.items() if k not in _HEAD_PARTS)
+        if self.plan.ep > 1:
+            body += (self.expert_imbalance - 1.0) * parts.get("moe", 0.0)
+        n_layer, tp, c = self.model.n_layer, self.plan.tp, self.comm
+        T, R = shape.total_new_tokens, shape.total_logits
+        hidden = T * self.model.n_embd * self.act_bytes
+        times = []
+        for s, layers in enumerate(self.stages):
+            t = body * len(layers) / n_layer + sum(self._layer_comm_s(T, s))
+            if s == 0:
+                t += c.all_reduce_s(hidden, tp)
+            if s == self.plan.pp - 1:
+                t += head + c.all_gather_s(R * self._vocab * self.act_bytes, tp)
+            times.append(t)
+        return times
+
+    def send_recv_s(self, shape: StepShape) -> float:
+        """One stage boundary: the hidden state and residual of the micro-batch."""
+        return self.comm.send_recv_s(2 * shape.total_new_tokens * self.model.n_embd
+                                     * self.act_bytes)
+
+    # ------------------------------------------------------------------ CostModel interface
+    def step_cost(self, shape: StepShape) -> StepCost:
+        base = self.base.step_cost(shape)
+        parts = dict(base.parts)
+        if self.plan.ep > 1 and "moe" in parts:
+            parts["moe"] *= self.expert_imbalance
+        parts["comm"] = self.comm_breakdown(shape).total_s
+        parts["overhead"] = self.step_overhead_s
+        return StepCost(total_s=float(sum(parts.values())), parts=parts, bound=base.bound,
+                        flops=base.flops, bytes=base.bytes)
+
+    def step_time_s(self, num_new_tokens: tuple[int, ...], num_context_tokens: tuple[int, ...],
+                    num_logits: int | None = None) -> float:
+        """One micro-batch's latency through every stage (fast path, no validation)."""
+        lg = len(num_new_tokens) if num_logits is None else num_logits
+        if self._simple:
+            compute = self.base.step_time_s(num_new_tokens, num_context_tokens, lg)
+            return compute + self._comm(sum(num_new_tokens), lg).total_s + self.step_overhead_s
+        shape = StepShape(num_new_tokens, num_context_tokens,
+                          None if num_logits is None else _spread(num_logits, num_new_tokens))
+        return self.step_cost(shape).total_s
+
+    def roofline_bound_s(self, shape: StepShape) -> float:
+        """Per-GPU roofline floor of the step (communication only adds to it)."""
+        return self.base.roofline_bound_s(shape) / self.plan.pp
+
+    def describe(self) -> str:
+        return self.base.describe() + f" [{self.plan.describe()}]"
+
+
+def _spread(num_logits: int, new: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sequence logit rows adding to `num_logits` (one per sequence first, the rest on the
+    longest chunks): only the total matters to the price."""
+    rows = [min(1, n) for n in new]
+    left = num_logits - sum(rows)
+    for i, n in enumerate(new):
+        take = min(max(left, 0), n - rows[i])
+        rows[i] += take
+        left -= take
+    return tuple(rows)
