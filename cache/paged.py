@@ -1,0 +1,312 @@
+"""Paged KV cache accounting (PagedAttention): block tables over a shared block pool.
+
+KV memory is cut into blocks of `block_size` tokens; a request holds a *block table* (logical
+block i -> physical block id) that grows one block at a time as it produces tokens, so at most
+`block_size - 1` slots per request are wasted (the unfilled tail of its last block), instead of a
+whole `max_model_len` reservation.
+
+With `enable_prefix_caching`, every full block is indexed by the chained hash of the tokens up to
+its end (`cache.block_pool`). A new request whose prompt starts with cached blocks shares them by
+reference count, and its progress counter starts after them: those tokens are never recomputed.
+At least one token is always computed (its logits give the first output token), so a hit covers
+at most the full blocks before the last token. Released cached blocks stay valid until the pool
+needs room, then the least recently released is evicted (LRU).
+
+Preemption (`preempt`): `recompute` frees the request's blocks (its progress restarts at 0;
+cached blocks may give part of it back); `swap` copies them to `num_swap_blocks` host blocks and
+back on resumption, each move priced over the profile's host link by the engine. With too little
+swap space left, a swap falls back to recompute. The block copies the contents side must do are
+queued in order (`take_block_ops`): ("out", gpu_block, host_block), ("in", host_block, gpu_block),
+and ("copy", src_block, dst_block) for copy-on-write after `fork`.
+
+References: Kwon et al., SOSP'23 (PagedAttention, sections 4.2-4.5: block tables, sharing,
+swapping and recomputation); vLLM `vllm/v1/core/kv_cache_manager.py` (prefix caching, hit only
+up to `num_tokens - 1`) and vLLM v0 `block_manager` (swap space in GiB).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
+from cache.usage import KVMemoryUsage
+from sim.errors import InfersimError
+from sim.request import Request
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+class PagedKVCache:
+    """Block tables, reference counts and (optionally) prefix caching and swap space."""
+
+    retains_kv = True
+
+    def __init__(self, num_blocks: int, block_size: int = 16, *,
+                 enable_prefix_caching: bool = False, preemption_mode: str = "recompute",
+                 num_swap_blocks: int = 0) -> None:
+        if preemption_mode not in PREEMPTION_MODES:
+            raise InfersimError(f"preemption_mode={preemption_mode!r} is not one of "
+                                f"{', '.join(PREEMPTION_MODES)}")
+        if num_swap_blocks < 0:
+            raise InfersimError(f"num_swap_blocks must be >= 0, got {num_swap_blocks}")
+        self.pool = BlockPool(num_blocks, block_size)
+        self.block_size = block_size
+        self.num_kv_tokens = num_blocks * block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.preemption_mode = preemption_mode
+        self.num_swap_blocks = num_swap_blocks
+        self._host_free = list(range(num_swap_blocks))  # a heap
+        self._tables: dict[str, list[int]] = {}
+        self._num_tokens: dict[str, int] = {}
+        self._sum_tokens = 0
+        self._hashes: dict[str, list[bytes]] = {}  # chained hashes of known full blocks
+        self._num_registered: dict[str, int] = {}  # table entries already offered to the cache
+        self._swapped: dict[str, list[int]] = {}  # request_id -> host blocks
+        self._ops: list[tuple[str, int, int]] = []
+        self._pending_swap = [0, 0]  # blocks out, in since the last take_swapped_blocks()
+        self._forked = False  # a fork may share a partly filled block
+        # cumulative counters (metrics)
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
+        self.num_queried_tokens = 0  # prompt tokens of admissions that looked up the cache
+        self.num_hit_tokens = 0
+
+    # ------------------------------------------------------------------ KVCacheManager
+    def never_fits(self, request: Request, max_len: int) -> str | None:
+        need = -(-max_len // self.block_size)
+        if need > self.pool.num_blocks:
+            return (f"larger than the KV cache: {max_len} tokens need {need} blocks of "
+                    f"{self.block_size} > the whole pool ({self.pool.num_blocks} blocks); lower "
+                    "max_tokens or max_model_len, or use a larger GPU")
+        return None
+
+    def cached_prefix(self, request: Request) -> int:
+        """Tokens of the request's start whose KV is cached (whole blocks, < num_tokens)."""
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self._request_hashes(request, request.num_tokens)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        num = 0
+        for h in hashes[:max_blocks]:
+            if self.pool.lookup(h) is None:
+                break
+            num += 1
+        return num * self.block_size
+
+    def allocate(self, request: Request, num_tokens: int, num_cached_tokens: int = 0) -> bool:
+        """Blocks for the first `num_tokens` tokens (all or nothing). A request without blocks
+        may first share `num_cached_tokens` (from `cached_prefix`) from the prefix cache."""
+        rid = request.request_id
+        pool = self.pool
+        need = -(-num_tokens // self.block_size)
+        table = self._tables.get(rid)
+        if table is None:
+            if rid in self._swapped:
+                return self._swap_in(request, num_tokens)
+            hits = self._hit_blocks(request, num_cached_tokens)
+            num_revived = sum(1 for b in hits if pool.ref_count[b] == 0)
+            if need - len(hits) + num_revived > pool.num_free_blocks():
+                return False
+            for block in hits:
+                pool.take_cached(block)
+            table = hits + pool.take_new(need - len(hits))
+            self._tables[rid] = table
+            self._num_registered[rid] = len(hits)
+            if self.enable_prefix_caching:
+                self.num_queried_tokens += request.num_prompt_tokens
+                self.num_hit_tokens += num_cached_tokens
+        else:
+            # copy-on-write: a block shared with a fork is copied before this step writes it
+            old = self._num_tokens.get(rid, 0)
+            cow = ([i for i in range(old // self.block_size, min(len(table), need))
+                    if pool.ref_count[table[i]] > 1] if num_tokens > old else [])
+            if max(need - len(table), 0) + len(cow) > pool.num_free_blocks():
+                return False
+            for i in cow:
+                (fresh,) = pool.take_new(1)
+                self._ops.append(("copy", table[i], fresh))
+                pool.release([table[i]])
+                table[i] = fresh
+            if need > len(table):
+                table.extend(pool.take_new(need - len(table)))
+        self._sum_tokens += num_tokens - self._num_tokens.get(rid, 0)
+        self._num_tokens[rid] = num_tokens
+        if self.enable_prefix_caching:
+            self._register(request, table, num_tokens)
+        return True
+
+    def free(self, request: Request) -> None:
+        rid = request.request_id
+        table = self._tables.pop(rid, None)
+        if table is not None:
+            self.pool.release(table[::-1])  # tail first: evicted first
+        self._sum_tokens -= self._num_tokens.pop(rid, 0)
+        self._hashes.pop(rid, None)
+        self._num_registered.pop(rid, None)
+        for host in self._swapped.pop(rid, ()):
+            heapq.heappush(self._host_free, host)
+
+    def preempt(self, request: Request) -> bool:
+        """Take the request's blocks away; True if its KV was kept (swapped to host)."""
+        rid = request.request_id
+        table = self._tables.get(rid)
+        if (self.preemption_mode == "swap" and table is not None
+                and len(table) <= len(self._host_free)):
+            host = [heapq.heappop(self._host_free) for _ in table]
+            self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True))
+            self._pending_swap[0] += len(table)
+            self.num_swapped_out_blocks += len(table)
+            self.free(request)
+            self._swapped[rid] = host
+            return True
+        self.free(request)
+        return False
+
+    def fork(self, parent: Request, child: Request, num_tokens: int | None = None) -> None:
+        """`child` shares the blocks holding `parent`'s first `num_tokens` tokens (all of them
+        by default) by reference (parallel sampling, beam search); a shared block is copied
+        only when one of them writes into it (a partly filled last block included)."""
+        cid, pid = child.request_id, parent.request_id
+        table = self._tables.get(pid)
+        if table is None or cid in self._tables or cid in self._swapped:
+            raise InfersimError(f"fork: {pid!r} must hold blocks and {cid!r} none")
+        held = self._num_tokens[pid]
+        n = held if num_tokens is None else num_tokens
+        if not 0 <= n <= held:
+            raise InfersimError(f"fork: can share 0..{held} tokens of {pid!r}, asked for {n}")
+        shared = table[: -(-n // self.block_size)]
+        for block in shared:
+            self.pool.incref(block)
+        self._forked = True
+        self._tables[cid] = list(shared)
+        self._num_tokens[cid] = n
+        self._sum_tokens += n
+        num_full = n // self.block_size  # hashes of the parent's later blocks may not be ours
+        self._hashes[cid] = list(self._hashes.get(pid, []))[:num_full]
+        self._num_registered[cid] = min(self._num_registered[pid], num_full)
+
+    def capacity(self, request: Request) -> int:
+        """Tokens the request can hold without a new block."""
+        return len(self._tables.get(request.request_id, ())) * self.block_size
+
+    def num_free_tokens(self) -> int:
+        return self.pool.num_free_blocks() * self.block_size
+
+    def num_used_tokens(self) -> int:
+        """Distinct token slots holding KV (a block shared by several tables counts once)."""
+        if not self._forked:  # shared blocks are full prefix-cache blocks
+            return self._sum_tokens - self.pool.num_extra_refs * self.block_size
+        bs = self.block_size
+        fills: dict[int, int] = {}
+        for rid, table in self._tables.items():
+            n = self._num_tokens[rid]
+            for i, block in enumerate(table[: -(-n // bs)]):
+                fills[block] = max(fills.get(block, 0), min(bs, n - i * bs))
+        return sum(fills.values())
+
+    def num_reserved_tokens(self) -> int:
+        return self.pool.num_used_blocks() * self.block_size
+
+    def usage(self) -> KVMemoryUsage:
+        used = self.num_used_tokens()
+        held = self.num_reserved_tokens()
+        return KVMemoryUsage(
+            num_total_tokens=self.num_kv_tokens, num_used_tokens=used, num_reserved_tokens=0,
+            num_internal_frag_tokens=held - used, num_free_tokens=self.num_free_tokens(),
+            num_requests=len(self._tables),
+            num_cached_free_tokens=self.pool.num_cached_free_blocks() * self.block_size)
+
+    # ------------------------------------------------------------------ paged extras
+    def block_table(self, request_id: str) -> list[int]:
+        """Physical block ids of the request's logical blocks (a live list: do not modify)."""
+        return self._tables.get(request_id, [])
+
+    def take_block_ops(self) -> list[tuple[str, int, int]]:
+        """Block copies queued since the last call, in the order they must be applied."""
+        ops, self._ops = self._ops, []
+        return ops
+
+    def take_swapped_blocks(self) -> tuple[int, int]:
+        """(blocks swapped out, blocks swapped in) since the last call (for pricing)."""
+        out, into = self._pending_swap
+        self._pending_swap = [0, 0]
+        return out, into
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens looked up."""
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+    def check(self) -> None:
+        """Invariants (tests): reference counts equal table references exactly."""
+        self.pool.check()
+        refs = [0] * self.pool.num_blocks
+        for table in self._tables.values():
+            for block in table:
+                refs[block] += 1
+        assert refs == self.pool.ref_count, "reference counts differ from block tables"
+        for rid, table in self._tables.items():
+            assert len(table) * self.block_size >= self._num_tokens[rid]
+        assert len(self._host_free) + sum(map(len, self._swapped.values())) == self.num_swap_blocks
+
+    # ------------------------------------------------------------------ internals
+    def _request_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
+        """Chained hashes of the full blocks among the request's first `num_tokens` tokens
+        whose ids are known (prompt ids; output ids too when the engine keeps them)."""
+        rid = request.request_id
+        hashes = self._hashes.setdefault(rid, [])
+        if request.prompt_token_ids is None:
+            return hashes
+        known = min(num_tokens, request.num_tokens if request.keep_tokens
+                    else request.num_prompt_tokens)
+        bs = self.block_size
+        if known // bs > len(hashes):
+            start = len(hashes) * bs
+            ids = request.token_ids_slice(start, (known // bs) * bs)
+            hashes.extend(block_hashes(ids, bs, hashes[-1] if hashes else ROOT_HASH))
+        return hashes
+
+    def _hit_blocks(self, request: Request, num_cached_tokens: int) -> list[int]:
+        if num_cached_tokens == 0:
+            return []
+        if num_cached_tokens % self.block_size or not self.enable_prefix_caching:
+            raise InfersimError(f"allocate: num_cached_tokens={num_cached_tokens} must come from "
+                                "cached_prefix() (whole blocks, prefix caching enabled)")
+        hits = []
+        for h in self._request_hashes(request, num_cached_tokens)[:num_cached_tokens // self.block_size]:
+            block = self.pool.lookup(h)
+            if block is None:
+                raise InfersimError("allocate: the cached prefix changed since cached_prefix()")
+            hits.append(block)
+        return hits
+
+    def _register(self, request: Request, table: list[int], num_tokens: int) -> None:
+        """Offer the request's newly full blocks to the prefix cache (their KV is computed in
+        the step being scheduled, before any later step can read it)."""
+        rid = request.request_id
+        hashes = self._request_hashes(request, num_tokens)
+        start = self._num_registered[rid]
+        for i in range(start, min(len(hashes), len(table))):
+            self.pool.register(table[i], hashes[i])
+        self._num_registered[rid] = max(start, min(len(hashes), len(table)))
+
+    def _swap_in(self, request: Request, num_tokens: int) -> bool:
+        rid = request.request_id
+        host = self._swapped[rid]
+        need = max(-(-num_tokens // self.block_size), len(host))
+        if need > self.pool.num_free_blocks():
+            return False
+        table = self.pool.take_new(need)
+        self._ops.extend(("in", h, g) for h, g in zip(host, table, strict=False))
+        self._pending_swap[1] += len(host)
+        self.num_swapped_in_blocks += len(host)
+        for h in host:
+            heapq.heappush(self._host_free, h)
+        del self._swapped[rid]
+        self._tables[rid] = table
+        self._num_registered[rid] = 0
+        self._sum_tokens += num_tokens - self._num_tokens.get(rid, 0)
+        self._num_tokens[rid] = num_tokens
+        if self.enable_prefix_caching:
+            self._register(request, table, num_tokens)
+        return True

@@ -1,0 +1,136 @@
+"""A hypothesis state machine over the paged KV manager: allocate (with prefix-cache hits),
+append, fork (copy-on-write), free, preempt, and evict-by-pressure.
+
+A shadow of the block contents (which token, at which position, sits in which physical slot) is kept from the
+manager's own decisions: every prefix hit must hand out blocks that really hold the request's
+tokens, no write may land in a block another table still shares, and at every step reference
+counts equal the table references exactly (no leak, no double free) and a cached prefix is
+block-aligned and shorter than the request.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+)
+
+from cache.paged import PagedKVCache
+from sim.request import Request, SamplingParams
+
+BLOCK = 4
+NUM_BLOCKS = 12
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 6, 6], [7] * 8, [1, 2, 3, 4] + [7] * 8]
+
+
+def key(pos: int, token: int) -> int:
+    """What a KV slot holds depends on the token *and* its position (RoPE)."""
+    return pos * 1000 + token
+
+
+class PagedMachine(RuleBasedStateMachine):
+    live = Bundle("live")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv = PagedKVCache(NUM_BLOCKS, BLOCK, enable_prefix_caching=True)
+        self.content = np.full((NUM_BLOCKS, BLOCK), -1, dtype=np.int64)  # [n_blocks, bs]
+        self.counter = 0
+        self.alive: set[str] = set()
+
+    def _new(self, ids: list[int]) -> Request:
+        self.counter += 1
+        return Request(request_id=f"r{self.counter}", index=self.counter,
+                       num_prompt_tokens=len(ids), sampling=SamplingParams(max_tokens=None),
+                       arrival_s=0.0, prompt_token_ids=list(ids), keep_tokens=True)
+
+    def _write(self, req: Request, start: int, end: int) -> None:
+        """What the store would do: apply queued copies, then write positions start..end-1."""
+        for kind, src, dst in self.kv.take_block_ops():
+            assert kind == "copy"
+            self.content[dst] = self.content[src]
+        table = self.kv.block_table(req.request_id)
+        ids = req.token_ids_slice(0, end)
+        for pos in range(start, end):
+            block = table[pos // BLOCK]
+            assert self.kv.pool.ref_count[block] == 1, "write into a shared block"
+            self.content[block, pos % BLOCK] = key(pos, ids[pos])
+
+    @rule(target=live, prefix=st.sampled_from(PREFIXES),
+          tail=st.lists(st.integers(0, 3), max_size=6))
+    def allocate(self, prefix, tail):
+        req = self._new(prefix + tail)
+        hit = self.kv.cached_prefix(req)
+        assert hit % BLOCK == 0 and hit < req.num_tokens
+        if not self.kv.allocate(req, req.num_tokens, hit):
+            return multiple()  # nothing to add
+        table = self.kv.block_table(req.request_id)
+        ids = req.token_ids_slice(0, hit)
+        for pos in range(hit):  # a hit hands out blocks holding exactly these tokens
+            assert self.content[table[pos // BLOCK], pos % BLOCK] == key(pos, ids[pos])
+        self._write(req, hit, req.num_tokens)
+        req.num_computed = req.num_tokens
+        self.alive.add(req.request_id)
+        return req
+
+    @rule(req=live, new=st.lists(st.integers(0, 3), min_size=1, max_size=6))
+    def append(self, req, new):
+        if req.request_id not in self.alive:
+            return
+        old = req.num_tokens
+        req.output_token_ids.extend(new)
+        req.num_output_tokens += len(new)
+        if self.kv.allocate(req, req.num_tokens):
+            self._write(req, old, req.num_tokens)
+        else:  # all or nothing: undo the tokens
+            del req.output_token_ids[-len(new):]
+            req.num_output_tokens -= len(new)
+
+    @rule(target=live, req=live)
+    def fork(self, req):
+        if req.request_id not in self.alive:
+            return multiple()
+        child = self._new(req.prompt_token_ids)
+        child.output_token_ids = list(req.output_token_ids)
+        child.num_output_tokens = req.num_output_tokens
+        self.kv.fork(req, child)
+        self.alive.add(child.request_id)
+        return child
+
+    @rule(req=consumes(live))
+    def free(self, req):
+        self.kv.free(req)
+        self.kv.free(req)  # idempotent: never a double free
+        self.alive.discard(req.request_id)
+
+    @rule(req=consumes(live))
+    def preempt(self, req):
+        assert self.kv.preempt(req) is False  # recompute mode frees
+        self.alive.discard(req.request_id)
+
+    @invariant()
+    def exact_reference_counts(self):
+        self.kv.check()
+        pool = self.kv.pool
+        assert 0 <= self.kv.num_used_tokens() <= self.kv.num_reserved_tokens()
+        assert self.kv.num_reserved_tokens() + self.kv.num_free_tokens() == NUM_BLOCKS * BLOCK
+        assert pool.num_used_blocks() == sum(1 for c in pool.ref_count if c > 0)
+
+    def teardown(self):
+        for rid in list(self.kv._tables):
+            self.kv.free(Request(request_id=rid, index=0, num_prompt_tokens=1,
+                                 sampling=SamplingParams(), arrival_s=0.0))
+        self.kv.check()
+        assert self.kv.num_free_tokens() == NUM_BLOCKS * BLOCK  # no leak
+
+
+PagedMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+TestPagedKVCache = PagedMachine.TestCase
