@@ -1,0 +1,263 @@
+"""Speculative decoding in the engine: how many drafts each step, what they cost, what they gave.
+
+`Speculation` is built by the engine from `EngineArgs.speculative_config` and plugs into one run:
+
+- **control**: the continuous scheduler asks `num_spec_tokens(req, budget, max_model_len)` for
+  every decoding request: k (fixed, or `AdaptiveK` from the measured acceptance), capped by the
+  token budget (draft tokens count against `max_num_batched_tokens`), by `max_tokens` and by
+  `max_model_len`; for n-gram lookup in functional mode, by the drafts actually found in the
+  request's committed tokens (as vLLM's CPU-side proposer, so a miss costs nothing);
+- **functional**: `SpeculativeExecutor` with the n-gram or draft-model proposer (a controlled
+  proxy of the target, or `model`'s own functional weights);
+- **timing**: the target verifies k + 1 tokens per speculating sequence in one pass (the step
+  shape carries them, with `num_logits`); a draft model is priced as its own model shape on the
+  same GPU, k autoregressive draft steps per engine step (the first one catching up on the
+  tokens the draft has not seen); n-gram lookup is free. Timing-only runs take acceptance from
+  `acceptance_rate` (i.i.d.) or `acceptance_trace` (replayed);
+- **observation**: accepted / proposed counts per step, per draft position and per request.
+
+Left out (said in the README): the draft model's weights and KV do not shrink the target's KV
+pool; speculation runs with the continuous scheduler on one GPU (no TP/PP/DP).
+
+References: vLLM `vllm/v1/spec_decode/` and `vllm/v1/core/sched/scheduler.py` (spec tokens in the
+token budget, `num_computed_tokens` moved back by the rejected count); Leviathan et al. 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from batching.base import StepPlan, StepResult
+from sim.cost_model import CostModel
+from sim.errors import ConfigError
+from sim.model_zoo import resolve_model
+from sim.request import Request
+from speculative.analysis import AdaptiveK, cost_ratio
+from speculative.config import SpeculativeConfig
+
+
+class Speculation:
+    """The engine's speculative-decoding component (see module doc)."""
+
+    def __init__(self, engine: Any) -> None:
+        args = engine.args
+        cfg = SpeculativeConfig.from_any(args.speculative_config)
+        self.config = cfg
+        self.k_max = cfg.num_speculative_tokens
+        if args.scheduler != "continuous":
+            raise ConfigError("speculative decoding runs with scheduler='continuous'; "
+                              f"got {args.scheduler!r}")
+        if args.kv_cache == "none":
+            raise ConfigError("speculative decoding verifies drafts against cached KV: use "
+                              "kv_cache='paged' or 'contiguous', not 'none'")
+        plan = engine.plan
+        if plan.tp * plan.pp * plan.dp > 1:
+            raise ConfigError("speculative decoding is simulated on one GPU: use "
+                              "tensor/pipeline/data_parallel_size=1")
+        self.functional = args.mode == "functional"
+        timing_acceptance = cfg.acceptance_rate is not None or cfg.acceptance_trace is not None
+        if self.functional and timing_acceptance:
+            raise ConfigError("acceptance_rate / acceptance_trace are for mode='timing'; in "
+                              "functional mode acceptance emerges from the real draft")
+        if not self.functional and not timing_acceptance:
+            raise ConfigError("mode='timing' has no token values to verify: give "
+                              "speculative_config 'acceptance_rate' (i.i.d. per token) or "
+                              "'acceptance_trace' (a JSON trace from speculative.acceptance)")
+        self.seed = args.seed
+        self.draft_shape = None
+        self.draft_cost: CostModel | None = None
+        self.c = 0.0  # draft step / target step, batch 1 (n-gram lookup: free)
+        if cfg.method == "draft_model":
+            target = engine.model_config
+            if cfg.model is not None:
+                self.draft_shape = resolve_model(cfg.model)
+            elif cfg.draft_num_layers is not None:
+                if cfg.draft_num_layers > target.n_layer:
+                    raise ConfigError(f"draft_num_layers={cfg.draft_num_layers} exceeds the "
+                                      f"target's {target.n_layer} layers")
+                self.draft_shape = target.replace(
+                    n_layer=cfg.draft_num_layers,
+                    name=f"{target.name}[:{cfg.draft_num_layers} layers]")
+            else:
+                self.draft_shape = target
+            self.draft_cost = CostModel(self.draft_shape, engine.hardware,
+                                        dtype=engine.timing_dtype)
+            self.c = cost_ratio(self.draft_cost, engine.cost_model)
+        self.proposer: Any = None
+        self.draft_description = "" if self.draft_shape is None else self.draft_shape.name
+        if self.functional:
+            self.proposer = self._proposer(engine)
+        self.reset()
+
+    # ------------------------------------------------------------------ building
+    def _proposer(self, engine: Any) -> Any:
+        from speculative.proposers import DraftModelProposer, NgramProposer, noisy_model
+
+        cfg = self.config
+        if cfg.method == "ngram":
+            return NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        target = engine.functional_model
+        if cfg.controlled_proxy:
+            from speculative.acceptance import truncated_model
+
+            draft = target
+            if cfg.draft_num_layers is not None:
+                layers = min(cfg.draft_num_layers, target.config.n_layer)
+                draft = truncated_model(draft, layers)
+            if cfg.draft_noise_scale is not None:
+                draft = noisy_model(draft, cfg.draft_noise_scale, cfg.draft_seed)
+        else:
+            from sim.proxy import load_functional_model
+
+            assert cfg.model is not None  # a draft model needs a model or a controlled proxy
+            draft, _ = load_functional_model(cfg.model, dtype=engine.args.functional_dtype)
+        self.draft_description = draft.config.name
+        return DraftModelProposer(draft, target.config.n_vocab)
+
+    def describe(self) -> str:
+        text = self.config.describe()
+        if self.draft_shape is not None:
+            if self.functional:
+                text += f"; functional draft {self.draft_description}"
+            text += f"; draft priced as {self.draft_shape.name} (c={self.c:.3f})"
+        return text
+
+    def attach(self, scheduler: Any, plain_executor: Any, kv: Any, max_model_len: int,
+               functional_model: Any) -> Any:
+        """Plug into one run: the scheduler asks this for k; returns the executor to use
+        (in place of `plain_executor`)."""
+        from speculative.executor import (
+            IidAcceptance,
+            SpeculativeExecutor,
+            SpeculativeTimingExecutor,
+            TraceAcceptance,
+        )
+
+        if not hasattr(scheduler, "speculation"):
+            raise ConfigError("this scheduler cannot speculate; use scheduler='continuous'")
+        self.reset()
+        scheduler.speculation = self
+        cfg = self.config
+        executor: Any
+        if self.functional:
+            executor = SpeculativeExecutor(functional_model, kv.retains_kv, max_model_len, kv,
+                                           self.proposer)
+        elif cfg.acceptance_rate is not None:
+            executor = SpeculativeTimingExecutor(IidAcceptance(cfg.acceptance_rate, self.seed))
+        else:
+            from speculative.acceptance import AcceptanceReplay, AcceptanceTrace
+
+            assert cfg.acceptance_trace is not None
+            trace = AcceptanceTrace.load(cfg.acceptance_trace)
+            executor = SpeculativeTimingExecutor(TraceAcceptance(AcceptanceReplay(trace)))
+        executor.on_release = self.release
+        return executor
+
+    def reset(self) -> None:
+        """Fresh counters (one run)."""
+        k = self.k_max
+        self.adaptive = AdaptiveK(self.c, k) if self.config.adaptive else None
+        self._draft_seen: dict[str, tuple[int, int]] = {}  # rid -> (num_tokens, k) last drafted
+        self.num_steps = 0  # verification steps (one per speculating sequence per step)
+        self.num_proposed = 0
+        self.num_accepted = 0
+        self.num_emitted = 0
+        self.num_rejections = 0  # steps that rejected a draft (for the i.i.d. estimate of a)
+        self.draft_s = 0.0
+        self.position_proposed = np.zeros(k, dtype=np.int64)  # [k]
+        self.position_accepted = np.zeros(k, dtype=np.int64)  # [k]
+
+    # ------------------------------------------------------------------ control
+    def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int:
+        """Draft tokens to verify after `req`'s decode token this step."""
+        k = self.adaptive.k() if self.adaptive is not None else self.k_max
+        left = max_model_len - req.num_tokens - 1  # drafts + bonus stay within max_model_len
+        if req.sampling.max_tokens is not None:  # no point drafting past max_tokens
+            left = min(left, req.sampling.max_tokens - req.num_output_tokens - 1)
+        k = max(0, min(k, left, budget))
+        if k and self.functional and self.config.method == "ngram":
+            k = len(self.proposer.propose(req, k).token_ids)  # a miss proposes nothing
+        return k
+
+    # ------------------------------------------------------------------ timing
+    def draft_time_s(self, plan: StepPlan) -> float:
+        """Seconds the draft model runs this step: k autoregressive draft steps on the same GPU
+        (0 for n-gram lookup)."""
+        if self.draft_cost is None:
+            return 0.0
+        new: list[int] = []
+        ctx: list[int] = []
+        ks: list[int] = []
+        for s in plan.seqs:
+            k = s.num_spec_tokens
+            if not k:
+                continue
+            req = s.request
+            last = self._draft_seen.get(req.request_id)
+            # the draft holds KV of the context it drafted from plus its first k - 1 drafts;
+            # what still matches the committed tokens is kept, the rest is recomputed
+            seen = 0 if last is None else min(last[0] + last[1] - 1, req.num_tokens - 1)
+            new.append(req.num_tokens - seen)
+            ctx.append(seen)
+            ks.append(k)
+            self._draft_seen[req.request_id] = (req.num_tokens, k)
+        if not ks:
+            return 0.0
+        draft_s = self.draft_cost.step_time_s(tuple(new), tuple(ctx))
+        base = np.array([c + n for c, n in zip(ctx, new, strict=True)])  # [n_spec]
+        kk = np.array(ks)  # [n_spec]
+        for j in range(1, max(ks)):
+            alive = kk > j  # [n_spec] sequences that draft a (j+1)-th token
+            num = int(alive.sum())
+            draft_s += self.draft_cost.step_time_s((1,) * num, tuple((base[alive] + j - 1).tolist()))
+        self.draft_s += draft_s
+        return draft_s
+
+    # ------------------------------------------------------------------ observation
+    def observe(self, plan: StepPlan, result: StepResult) -> None:
+        """Record what a completed step's verification accepted."""
+        emitted = result.emitted
+        if emitted is None:
+            return
+        for i, s in enumerate(plan.seqs):
+            k = s.num_spec_tokens
+            if not k:
+                continue
+            accepted = len(emitted[i]) - 1
+            self.num_steps += 1
+            self.num_proposed += k
+            self.num_accepted += accepted
+            self.num_emitted += accepted + 1
+            self.num_rejections += accepted < k
+            self.position_proposed[:k] += 1
+            self.position_accepted[:accepted] += 1
+            extra = s.request.extra
+            extra.setdefault("spec_proposed", []).append(k)
+            extra.setdefault("spec_accepted", []).append(accepted)
+            if self.adaptive is not None:
+                self.adaptive.observe(accepted, k)
+
+    def release(self, req: Request) -> None:
+        self._draft_seen.pop(req.request_id, None)
+
+    def summary(self) -> dict[str, Any]:
+        """Acceptance over the run: overall, per draft position, mean tokens per step."""
+        per_pos = np.divide(self.position_accepted, self.position_proposed,
+                            out=np.zeros(self.k_max), where=self.position_proposed > 0)  # [k]
+        return {
+            "method": self.config.method,
+            "num_speculative_tokens": self.k_max,
+            "num_verification_steps": self.num_steps,
+            "num_draft_tokens": self.num_proposed,
+            "num_accepted_tokens": self.num_accepted,
+            "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
+            # the i.i.d. per-token rate a that explains the counts (maximum likelihood)
+            "alpha_estimate": (self.num_accepted / (self.num_accepted + self.num_rejections)
+                               if self.num_accepted + self.num_rejections else 0.0),
+            "mean_tokens_per_step": self.num_emitted / self.num_steps if self.num_steps else 0.0,
+            "per_position_acceptance": per_pos.tolist(),
+            "draft_s": self.draft_s,
+            "cost_ratio_c": self.c,
+        }

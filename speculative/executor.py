@@ -1,0 +1,178 @@
+"""Executors of speculative steps: real drafts verified by the real target, or counts only.
+
+`SpeculativeExecutor` (functional): for every sequence the scheduler gave `k` draft slots, the
+proposer drafts k tokens; one target `forward_step` scores each sequence's committed token plus
+its drafts (`num_logits = k + 1`), and `speculative.verify` keeps 0..k drafts and adds the
+target's own token. Rejected drafts' KV is rolled back (`ContiguousKVStore.truncate`; a paged
+store is re-`prepare`d from the committed counter each step, and the blocks stay with the request
+for the next step's drafts, as in vLLM). Sequences without drafts run exactly as in
+`NumpyExecutor`.
+
+`SpeculativeTimingExecutor` (timing-only): no token values; the number of accepted drafts per
+step comes from an `AcceptanceModel`: i.i.d. per token with a given rate (seeded per request, so
+a request's draws never depend on its batch), or a replay of a recorded acceptance trace.
+
+References: vLLM `vllm/v1/worker/gpu_model_runner.py` (spec-decode metadata: k + 1 logits per
+request) and `vllm/v1/sample/rejection_sampler.py`; Leviathan et al. 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from batching.admission import max_len
+from batching.base import StepPlan, StepResult
+from cache.base import KVCacheManager
+from cache.kv_store import ContiguousKVStore
+from cache.paged_store import PagedKVStore
+from sim.errors import InfersimError
+from sim.numpy_executor import NumpyExecutor
+from sim.numpy_model import NumpyModel, SeqChunk
+from sim.request import Request
+from sim.sampling import sample_token, token_logprobs
+from speculative.acceptance import AcceptanceReplay
+from speculative.verify import verify
+
+
+class SpeculativeExecutor(NumpyExecutor):
+    """`NumpyExecutor` plus draft proposal and verification (see module doc)."""
+
+    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
+                 kv: KVCacheManager | None, proposer: Any) -> None:
+        super().__init__(model, retains_kv, max_model_len, kv)
+        self.proposer = proposer
+        self.on_release: Any = None  # told when a request ends
+
+    def run(self, plan: StepPlan) -> StepResult:
+        spec = [i for i, s in enumerate(plan.seqs) if s.num_spec_tokens]
+        if not spec:
+            return super().run(plan)
+        drafts = dict(zip(spec, self.proposer.propose_batch(
+            [plan.seqs[i].request for i in spec], [plan.seqs[i].num_spec_tokens for i in spec]),
+            strict=True))
+        store = self.store
+        if self.kv is not None and isinstance(store, PagedKVStore):
+            store.apply_ops(self.kv.take_block_ops())
+        chunks = []
+        for i, s in enumerate(plan.seqs):
+            req = s.request
+            self._prepare(req, s.start)
+            k = s.num_spec_tokens
+            committed = req.token_ids_slice(s.start, s.end - k)
+            if k:
+                draft = drafts[i].token_ids
+                if len(draft) != k:
+                    raise InfersimError(f"the proposer returned {len(draft)} draft tokens for "
+                                        f"{req.request_id!r}, the scheduler planned {k}")
+                committed = committed + list(draft)
+            ids = np.asarray(committed, dtype=np.int64)  # [n_new]
+            chunks.append(SeqChunk(req.request_id, ids, s.start,
+                                   k + 1 if k else (1 if s.samples else 0)))
+        logits = self.model.forward_step(chunks, store)  # [sum(num_logits), n_vocab]
+        row = 0
+        tokens: list[int] = []
+        emitted: list[tuple[int, ...]] = []
+        entries: list[tuple[Any, ...]] = []
+        for i, s in enumerate(plan.seqs):
+            n_rows = chunks[i].num_logits
+            rows = logits[row: row + n_rows]  # [n_rows, n_vocab]
+            row += n_rows
+            req = s.request
+            params = req.sampling
+            if n_rows == 0:
+                out: tuple[int, ...] = ()
+            elif s.num_spec_tokens:
+                draft = drafts[i]
+                out = verify(draft.token_ids, draft.probs, rows, params, req.rng).token_ids
+                if isinstance(store, ContiguousKVStore):  # keep committed + accepted drafts
+                    store.truncate(req.request_id, s.end - s.num_spec_tokens + len(out) - 1)
+            else:
+                out = (sample_token(rows[0], params, req.rng),)
+            want = params.logprobs
+            entries.append(tuple(token_logprobs(rows[j], t, want) if want is not None else None
+                                 for j, t in enumerate(out)))
+            tokens.append(out[-1] if out else -1)
+            emitted.append(out)
+        return StepResult(tuple(tokens), None, tuple(emitted), tuple(entries))
+
+    def _prepare(self, req: Request, start: int) -> None:
+        """The step's KV view of `req` (as `NumpyExecutor` does)."""
+        store = self.store
+        if isinstance(store, PagedKVStore):
+            if self.kv is not None:
+                store.prepare(req.request_id, self.kv.block_table(req.request_id), start)
+        elif not store.has(req.request_id):
+            store.allocate(req.request_id, max_len(req, self.max_model_len))
+
+    def release(self, request: Request) -> None:
+        super().release(request)
+        self.proposer.release(request)
+        if self.on_release is not None:
+            self.on_release(request)
+
+
+class AcceptanceModel(Protocol):
+    def accepted(self, request: Request, k: int) -> int:
+        """How many of `k` draft tokens the target accepts this step."""
+        ...
+
+    def release(self, request: Request) -> None: ...
+
+
+class IidAcceptance:
+    """Each draft token accepted with probability `rate`, independently; stops at the first
+    rejection. One random stream per request, from (seed, request index)."""
+
+    def __init__(self, rate: float, seed: int) -> None:
+        self.rate = rate
+        self.seed = seed
+        self._rngs: dict[str, np.random.Generator] = {}
+
+    def accepted(self, request: Request, k: int) -> int:
+        rng = self._rngs.get(request.request_id)
+        if rng is None:
+            rng = np.random.default_rng(np.random.SeedSequence(
+                self.seed, spawn_key=(request.index, 0x5bec)))
+            self._rngs[request.request_id] = rng
+        hits = rng.random(k) < self.rate  # [k]
+        return int(k if hits.all() else np.argmin(hits))
+
+    def release(self, request: Request) -> None:
+        self._rngs.pop(request.request_id, None)
+
+
+class TraceAcceptance:
+    """Accepted counts replayed from a recorded `AcceptanceTrace` (request i replays recorded
+    request i mod n), capped by k."""
+
+    def __init__(self, replay: AcceptanceReplay) -> None:
+        self.replay = replay
+
+    def accepted(self, request: Request, k: int) -> int:
+        return self.replay.next_accepted(request.index, k)
+
+    def release(self, request: Request) -> None:
+        return None
+
+
+class SpeculativeTimingExecutor:
+    """Token counts only: each speculating sequence emits `accepted + 1` placeholder tokens."""
+
+    def __init__(self, acceptance: AcceptanceModel) -> None:
+        self.acceptance = acceptance
+        self.on_release: Any = None  # told when a request ends
+
+    def run(self, plan: StepPlan) -> StepResult:
+        emitted = []
+        for s in plan.seqs:
+            k = s.num_spec_tokens
+            n = self.acceptance.accepted(s.request, k) + 1 if k else int(s.samples)
+            emitted.append((-1,) * n)
+        return StepResult(None, None, tuple(emitted))
+
+    def release(self, request: Request) -> None:
+        self.acceptance.release(request)
+        if self.on_release is not None:
+            self.on_release(request)
