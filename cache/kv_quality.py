@@ -1,0 +1,72 @@
+"""The quality cost of a lossy KV cache, measured on the functional model.
+
+`kv_quality(model, token_ids, kv_cache_dtype)` teacher-forces a text through the model with its
+K/V stored in a paged store of that dtype (`cache.kv_quant`) and compares the next-token
+distributions with the unmodified model's (`sim.quality`: perplexity, KL, top-1 agreement).
+`kv_quality_table` does it for several settings and adds each one's KV capacity on a target GPU,
+the capacity-quality trade-off in one table.
+
+Per-token, per-head scales make the stored values independent of how the text is chunked, so
+one prefill gives the logits token-by-token decoding would (up to float rounding, ~1e-15).
+
+References: `sim.quality` (metrics); Hooper et al. 2024 (KVQuant) and Liu et al. 2024 (KIVI) for
+this evaluation of KV quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cache.kv_quant import kv_codec
+from cache.paged_store import PagedKVStore
+from sim.numpy_model import NumpyModel
+from sim.quality import QualityReport, compare, reference_logits, teacher_forced_logits
+
+
+def kv_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+              kv_cache_dtype: str = "auto", block_size: int = 16,
+              chunk_size: int | None = None) -> np.ndarray:
+    """Logits `[n, n_vocab]` at every position with the K/V kept in a paged store of
+    `kv_cache_dtype`."""
+    c = model.config
+    n = len(token_ids)
+    store = PagedKVStore(c.n_layer, c.n_kv_head, c.d_head, block_size, model.dtype,
+                         codec=kv_codec(kv_cache_dtype))
+    store.prepare("eval", range(-(-n // block_size)), 0)
+    return teacher_forced_logits(model, token_ids, store, chunk_size, seq_id="eval")
+
+
+def window_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+                  window: int) -> np.ndarray:
+    """Logits `[n, n_vocab]` when every layer attends only to the last `window` tokens (a
+    Mistral-style sliding window imposed on a model trained without one): the quality side of
+    evicting everything outside the window. The engine does not free those blocks yet."""
+    windowed = NumpyModel(model.config, model.weights, model.dtype.name,
+                          layer_windows=(window,) * model.config.n_layer)
+    return reference_logits(windowed, token_ids)
+
+
+def kv_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+               kv_cache_dtype: str, reference: np.ndarray | None = None) -> QualityReport:
+    """Perplexity, next-token KL and top-1 agreement of a `kv_cache_dtype` KV cache against the
+    unmodified model (`reference`: its logits, if already computed)."""
+    ref = reference_logits(model, token_ids) if reference is None else reference
+    return compare(ref, kv_logits(model, token_ids, kv_cache_dtype), token_ids)
+
+
+def kv_quality_table(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+                     kv_cache_dtypes: Sequence[str] = ("auto", "int8", "fp8_e4m3", "fp8_e5m2"),
+                     capacity: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One row per KV dtype: its quality report, and its KV tokens from `capacity` if given."""
+    ref = reference_logits(model, token_ids)  # [n, n_vocab]
+    rows = []
+    for dtype in kv_cache_dtypes:
+        row: dict[str, Any] = {"kv_cache_dtype": dtype}
+        if capacity is not None:
+            row["num_kv_tokens"] = capacity[dtype]
+        row.update(kv_quality(model, token_ids, dtype, ref).as_dict())
+        rows.append(row)
+    return rows

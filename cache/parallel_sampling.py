@@ -1,0 +1,82 @@
+"""Parallel sampling (`SamplingParams(n=k)`): k samples of one prompt sharing its KV blocks.
+
+A request with `n = k` becomes k sequences. Sample 0 (the *leader*) runs the prompt like any
+request. When the step that computes its prompt completes, the other k - 1 samples *fork* it:
+each shares, by reference count, the blocks holding the first `num_prompt_tokens - 1` prompt
+tokens and joins the scheduler's queue with its progress counter there. Its first step
+recomputes only the last prompt token (its logits give the sample's own first token, drawn from
+its own random stream), and that write lands in the shared, partly filled last block, which is
+then copied first (copy-on-write). So a k-sample request holds its prompt once, not k times, and
+computes `num_prompt_tokens + (k - 1)` prompt tokens instead of `k * num_prompt_tokens`.
+
+Forks happen at the leader's first commit, from committed state (its KV exists then); a manager
+without `fork` (contiguous, none) makes each sample compute its own prompt. Random streams:
+sample i draws from seed `seed + i` when the request has a seed (as vLLM v1's `ParentRequest`
+does), so each sample equals an `n=1` run with that seed; without a seed sample i uses the
+stream `(engine seed, request index, 0, i)` (sample 0: `(..., 0)`, the `n=1` stream).
+
+References: Kwon et al., SOSP'23 (PagedAttention) section 4.4, parallel sampling with
+copy-on-write; vLLM v1 `vllm/v1/engine/parallel_sampling.py` (child seeds `seed + index`,
+child ids `"{index}_{request_id}"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from batching.base import Scheduler, StepPlan
+from cache.base import KVCacheManager
+from sim.request import Request, SamplingParams
+
+
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of sample `index` of an `n > 1` request: one sample, seed + index."""
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def sample_rng(params: SamplingParams, engine_seed: int, request_index: int,
+               sample_index: int = 0) -> np.random.Generator | None:
+    """The random stream of one sample (None when greedy)."""
+    if params.greedy:
+        return None
+    if params.seed is not None:
+        return np.random.default_rng(np.random.SeedSequence(params.seed))
+    key = (request_index, 0) + ((sample_index,) if sample_index else ())
+    return np.random.default_rng(np.random.SeedSequence(engine_seed, spawn_key=key))
+
+
+def make_samples(leader: Request, make: Callable[[str, SamplingParams, int], Request]) -> None:
+    """Give `leader` (an `n > 1` request) its other samples, in `leader.forks`; `make(id,
+    params, sample_index)` builds one `Request`."""
+    leader.forks = [
+        make(f"{i}_{leader.request_id}", sample_params(leader.sampling, i), i)
+        for i in range(1, leader.sampling.n)
+    ]
+
+
+def start_forks(plan: StepPlan, scheduler: Scheduler, kv: KVCacheManager,
+                share: bool = True) -> list[tuple[Request, str]]:
+    """At the completion of `plan` (before it is committed): every leader whose prompt this step
+    finished forks its prompt KV to its other samples (`share=False`: they compute their own),
+    which join the scheduler. Returns the samples the scheduler refused, with the reason."""
+    refused = []
+    fork = getattr(kv, "fork", None) if share else None
+    for seq in plan.seqs:
+        leader = seq.request
+        if not leader.forks or not seq.samples or leader.num_output_tokens:
+            continue
+        num_shared = leader.num_prompt_tokens - 1
+        for child in leader.forks:
+            if fork is not None and kv.retains_kv and num_shared > 0:
+                fork(leader, child, num_shared)
+                child.num_computed = num_shared
+            reason = scheduler.add(child)
+            if reason is not None:
+                kv.free(child)
+                refused.append((child, reason))
+        leader.forks = []
+    return refused
