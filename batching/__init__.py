@@ -19,7 +19,8 @@ SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
 SCHEDULER_OPTIONS: dict[str, tuple[str, ...]] = {
     "static": ("max_wait_s",),
     "dynamic": ("preferred_batch_sizes", "max_queue_delay_s"),
-    "continuous": (),
+    "continuous": ("enable_chunked_prefill", "long_prefill_token_threshold",
+                   "max_num_partial_prefills", "scheduling_policy"),
 }
 
 __all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "ContinuousScheduler", "DynamicScheduler", "StaticScheduler"]

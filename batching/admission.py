@@ -25,16 +25,18 @@ def max_len(request: Request, max_model_len: int) -> int:
 
 
 def never_runs(
-    request: Request, kv: KVCacheManager, stop: StopCriteria, max_num_batched_tokens: int
+    request: Request, kv: KVCacheManager, stop: StopCriteria, max_num_batched_tokens: int,
+    chunked: bool = False,
 ) -> str | None:
-    """Why `request` can never be scheduled ("<kind>: <details>"), or None."""
+    """Why `request` can never be scheduled ("<kind>: <details>"), or None. With chunked
+    prefill a prompt longer than the token budget is fine: it is computed in chunks."""
     if request.num_prompt_tokens > stop.max_model_len:
         return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
                 f"max_model_len={stop.max_model_len}")
     longest = max_len(request, stop.max_model_len)
     # one step computes the whole prompt; without a KV cache, the whole (growing) sequence
     need = request.num_prompt_tokens if kv.retains_kv else longest
-    if need > max_num_batched_tokens:
+    if need > max_num_batched_tokens and not (chunked and kv.retains_kv):
         return (f"step larger than max_num_batched_tokens: one step of this request needs "
                 f"{need} tokens > max_num_batched_tokens={max_num_batched_tokens}; "
                 "raise max_num_batched_tokens")

@@ -24,6 +24,8 @@ class ScheduledSeq:
     request: Request
     start: int
     num_new_tokens: int
+    #: speculative draft tokens verified after the committed ones (counted in num_new_tokens)
+    num_spec_tokens: int = 0
 
     @property
     def end(self) -> int:
@@ -32,7 +34,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Whether this step reaches the sequence's last token, so a new token is sampled."""
-        return self.end == self.request.num_tokens
+        return self.end - self.num_spec_tokens == self.request.num_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +49,11 @@ class StepPlan:
 
 def shape_of(seqs: tuple[ScheduledSeq, ...]) -> StepShape:
     """The shape the cost model prices for exactly these sequences."""
+    spec = any(s.num_spec_tokens for s in seqs)  # verification scores k + 1 positions
     return StepShape(
         num_new_tokens=tuple(s.num_new_tokens for s in seqs),
         num_context_tokens=tuple(s.start for s in seqs),
+        num_logits=tuple(s.num_spec_tokens + 1 for s in seqs) if spec else None,
     )
 
 
@@ -64,6 +68,10 @@ class StepResult:
 
     token_ids: tuple[int, ...] | None
     logprobs: tuple[tuple[float, dict[int, Logprob]] | None, ...] | None = None
+    #: speculative steps: every token emitted per sequence, in order (accepted drafts, then the
+    #: target's own token; -1s in timing-only mode), with their logprobs entries when asked
+    emitted: tuple[tuple[int, ...], ...] | None = None
+    emitted_logprobs: tuple[tuple[tuple[float, dict[int, Logprob]] | None, ...], ...] | None = None
 
 
 TIMING_RESULT = StepResult(token_ids=None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batching.base import StepPlan, StepResult
-from sim.request import Request, Status
+from sim.request import Logprob, Request, Status
 
 
 @dataclass(frozen=True)
@@ -38,32 +38,53 @@ class StopCriteria:
 def commit_step(
     plan: StepPlan, result: StepResult, now_s: float, retains_kv: bool, stop: StopCriteria
 ) -> list[Request]:
-    """Apply a completed step to its requests; returns those that stopped generating."""
+    """Apply a completed step to its requests; returns those that stopped generating.
+
+    A speculative step (`result.emitted`) may emit several tokens per sequence: they are
+    appended in order, each checked against the stop rules, and the rest are dropped at the
+    first stop. KV then exists for the committed tokens plus the accepted drafts, so
+    `num_computed` moves by the accepted count (rejected drafts' KV is stale, overwritten next).
+    """
     stopped = []
     tokens = result.token_ids
+    emitted = result.emitted
     for i, seq in enumerate(plan.seqs):
         req = seq.request
-        req.num_computed = seq.end if retains_kv else 0
         if not seq.samples:
+            req.num_computed = seq.end if retains_kv else 0
             continue
-        token = -1 if tokens is None else tokens[i]
-        req.num_output_tokens += 1
-        if req.keep_tokens:
-            req.output_token_ids.append(token)
-            entry = None if result.logprobs is None else result.logprobs[i]
-            if entry is not None:
-                logprob, entries = entry
-                req.cumulative_logprob += logprob
-                if req.logprobs is not None:
-                    req.logprobs.append(entries)
-        if req.num_output_tokens == 1:
-            req.first_token_s = now_s
-        req.token_times_s.append(now_s)
-        reason = stop.check(req, token)
-        if reason is not None:
-            req.finish_reason, req.stop_reason = reason
-            stopped.append(req)
+        if emitted is not None:
+            new_tokens = emitted[i]
+            entries = None if result.emitted_logprobs is None else result.emitted_logprobs[i]
+        else:
+            new_tokens = (-1 if tokens is None else tokens[i],)
+            entries = None if result.logprobs is None else (result.logprobs[i],)
+        num_accepted = len(new_tokens) - 1
+        end = seq.end - seq.num_spec_tokens + num_accepted
+        for j, token in enumerate(new_tokens):
+            _append(req, token, None if entries is None else entries[j], now_s)
+            reason = stop.check(req, token)
+            if reason is not None:
+                req.finish_reason, req.stop_reason = reason
+                stopped.append(req)
+                break
+        req.num_computed = min(end, req.num_tokens - 1) if retains_kv else 0
     return stopped
+
+
+def _append(req: Request, token: int,
+            entry: tuple[float, dict[int, Logprob]] | None, now_s: float) -> None:
+    req.num_output_tokens += 1
+    if req.keep_tokens:
+        req.output_token_ids.append(token)
+        if entry is not None:
+            logprob, entries = entry
+            req.cumulative_logprob += logprob
+            if req.logprobs is not None:
+                req.logprobs.append(entries)
+    if req.num_output_tokens == 1:
+        req.first_token_s = now_s
+    req.token_times_s.append(now_s)
 
 
 def finish(request: Request, now_s: float) -> None:

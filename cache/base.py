@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cache.usage import KVMemoryUsage
 from sim.request import Request
 
 
@@ -25,12 +26,33 @@ class KVCacheManager(Protocol):
         """Why a request of up to `max_len` tokens could never be held (None if it could)."""
         ...
 
-    def allocate(self, request: Request, num_tokens: int) -> bool:
-        """Make room for KV of the request's first `num_tokens` tokens; False changes nothing."""
+    def cached_prefix(self, request: Request) -> int:
+        """Tokens at the start of the request whose KV is already cached and can be shared
+        (whole blocks, always fewer than `request.num_tokens`); 0 without prefix caching.
+        A pure lookup: nothing changes."""
+        ...
+
+    def allocate(self, request: Request, num_tokens: int, num_cached_tokens: int = 0) -> bool:
+        """Make room for KV of the request's first `num_tokens` tokens; False changes nothing.
+        A request holding nothing may share its first `num_cached_tokens` (the value
+        `cached_prefix` just returned) instead of getting fresh memory for them."""
         ...
 
     def free(self, request: Request) -> None:
         """Release everything the request holds (a no-op if it holds nothing)."""
+        ...
+
+    def preempt(self, request: Request) -> bool:
+        """Take the request's memory away so others can run: True if its KV was kept (swapped
+        out, to come back on its next `allocate`), False if freed (it must be recomputed)."""
+        ...
+
+    def capacity(self, request: Request) -> int:
+        """Tokens the request can hold without allocating more memory."""
+        ...
+
+    def usage(self) -> KVMemoryUsage:
+        """Where the KV memory goes now (used, reserved, fragmentation, free)."""
         ...
 
     def num_free_tokens(self) -> int: ...

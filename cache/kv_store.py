@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cache.kv_quant import KVCodec
 from sim.errors import InfersimError
 
 
@@ -42,11 +43,12 @@ class ContiguousKVStore:
     """One preallocated `[n_layer, 2, num_tokens, n_kv_head, d_head]` array per sequence.
 
     `read` returns views into the store: valid until the next `write`/`truncate`/`free` of that
-    sequence, and not to be modified by the caller.
+    sequence, and not to be modified by the caller. With a `codec` (`cache.kv_quant`) it keeps
+    what a quantized cache would return: each written vector quantized and dequantized.
     """
 
     def __init__(self, n_layer: int, n_kv_head: int, d_head: int,
-                 dtype: str | np.dtype = "float32") -> None:
+                 dtype: str | np.dtype = "float32", codec: KVCodec | None = None) -> None:
         for key, value in (("n_layer", n_layer), ("n_kv_head", n_kv_head), ("d_head", d_head)):
             if not isinstance(value, int) or value <= 0:
                 raise InfersimError(f"ContiguousKVStore: {key} must be a positive int, got {value!r}")
@@ -54,6 +56,7 @@ class ContiguousKVStore:
         self.n_kv_head = n_kv_head
         self.d_head = d_head
         self.dtype = np.dtype(dtype)
+        self.codec = codec
         self._kv: dict[Hashable, np.ndarray] = {}
         self._num_written: dict[Hashable, np.ndarray] = {}  # per layer: positions 0..n-1 valid
 
@@ -129,6 +132,9 @@ class ContiguousKVStore:
             raise InfersimError(
                 f"KV store: writing sequence {seq_id!r} layer {layer} at position {start_pos} "
                 f"would leave a gap (positions 0..{written[layer] - 1} are written)")
+        if self.codec is not None:
+            k = self.codec.round_trip(k, self.dtype)  # [n_new, n_kv, d_head]
+            v = self.codec.round_trip(v, self.dtype)  # [n_new, n_kv, d_head]
         kv[layer, 0, start_pos:end] = k
         kv[layer, 1, start_pos:end] = v
         written[layer] = end  # later positions, if any, are stale now

@@ -11,6 +11,7 @@ caching; Karpathy's picoGPT.
 
 from __future__ import annotations
 
+from cache.usage import KVMemoryUsage
 from sim.request import Request
 
 
@@ -20,8 +21,20 @@ class NoKVCache:
     def never_fits(self, request: Request, max_len: int) -> str | None:
         return None
 
-    def allocate(self, request: Request, num_tokens: int) -> bool:
+    def cached_prefix(self, request: Request) -> int:
+        return 0
+
+    def allocate(self, request: Request, num_tokens: int, num_cached_tokens: int = 0) -> bool:
         return True
+
+    def preempt(self, request: Request) -> bool:
+        return False
+
+    def capacity(self, request: Request) -> int:
+        return 0
+
+    def usage(self) -> KVMemoryUsage:
+        return KVMemoryUsage(0, 0, 0, 0, 0)
 
     def free(self, request: Request) -> None:
         return None

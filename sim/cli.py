@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sim.engine_args import DTYPE_CHOICES, KV_CACHE_CHOICES, MODES, SCHEDULER_CHOICES, EngineArgs
+from sim.engine_args import (
+    CONTIGUOUS_RESERVATIONS,
+    DTYPE_CHOICES,
+    KV_CACHE_CHOICES,
+    KV_CACHE_DTYPES,
+    MODES,
+    PREEMPTION_MODES,
+    SCHEDULER_CHOICES,
+    EngineArgs,
+)
 from sim.errors import InfersimError
 from sim.hardware import DEFAULT_HARDWARE
 from sim.model_zoo import DEFAULT_MODEL
@@ -37,9 +46,27 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="functional", choices=MODES,
                    help="functional: real NumPy tokens; timing: token counts only (fast)")
     g.add_argument("--seed", type=int, default=0, help="seed of workload and sampling")
-    g.add_argument("--kv-cache", default="contiguous", choices=KV_CACHE_CHOICES,
-                   help="none: recompute the whole sequence every step; contiguous: reserve "
-                        "max_model_len per request")
+    g.add_argument("--kv-cache", default="paged", choices=KV_CACHE_CHOICES,
+                   help="paged (default, vLLM): blocks of --block-size tokens allocated as "
+                        "requests grow; contiguous: one reservation per request (see "
+                        "--contiguous-reservation); none: recompute the whole sequence every step")
+    g.add_argument("--block-size", type=int, default=16, help="paged: tokens per KV block")
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="paged: share cached prompt-prefix blocks (hash-chained, LRU eviction)")
+    g.add_argument("--contiguous-reservation", default="max_len",
+                   choices=CONTIGUOUS_RESERVATIONS,
+                   help="contiguous: reserve max_model_len (Orca Max), the next power of two of "
+                        "the request's limit (Pow2), or exactly its final length (Oracle)")
+    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
+                   help="paged, out of blocks: free the newest request's KV and recompute it, "
+                        "or swap it to host memory over the PCIe link")
+    g.add_argument("--swap-space", type=float, default=4.0,
+                   help="GiB of host memory for swapped-out KV (--preemption-mode swap)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="KV pool size in blocks instead of what the memory plan leaves")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="8-bit KV (fp8 = fp8_e4m3, fp8_e5m2, int8; per-token, per-head scales): "
+                        "twice the KV capacity of 16-bit, priced and quantized for real")
     g.add_argument("--scheduler", default="continuous", choices=SCHEDULER_CHOICES,
                    help="static: request-level batches; dynamic: request-level, Triton-style "
                         "preferred sizes and queue delay; continuous: iteration-level (Orca/vLLM)")
@@ -49,6 +76,17 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="dynamic: launch as soon as one of these batch sizes can be formed")
     g.add_argument("--max-queue-delay-s", type=float, default=0.05,
                    help="dynamic: launch whatever is waiting once the oldest waited this long")
+    g.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="continuous: split long prompts into chunks that ride along with decodes "
+                        "(Sarathi-Serve); the budget then defaults to 2048 tokens")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="chunked prefill: most tokens of one prompt per step (0: no cap)")
+    g.add_argument("--max-num-partial-prefills", type=int, default=1,
+                   help="chunked prefill: prompts in progress at once")
+    g.add_argument("--scheduling-policy", default="fcfs",
+                   choices=("fcfs", "priority", "shortest_prompt_first"),
+                   help="waiting-queue order: arrival, request priority (lower first, may "
+                        "preempt), or shortest prompt first")
     a = p.add_argument_group("admission control (reject at arrival, with a reason)")
     a.add_argument("--admission-max-waiting", type=int, default=None,
                    help="queue limit: reject when this many requests already wait")
@@ -61,7 +99,29 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs each layer's matrices are split over (Megatron-style)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="pipeline stages of contiguous layers (micro-batches in flight)")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="model replicas behind a router (see --data-parallel-router)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: place experts whole over the tensor-parallel GPUs")
+    g.add_argument("--data-parallel-router", default="round_robin",
+                   choices=("round_robin", "least_outstanding", "prefix_affinity"),
+                   help="how requests pick a replica when --data-parallel-size > 1")
+    g.add_argument("--quantization", default=None,
+                   choices=("int8", "int4", "gptq", "w8a8", "fp8"),
+                   help="weights (and activations for w8a8 / fp8): int8 / int4 weight-only "
+                        "round-to-nearest, gptq (int4, error-compensated on calibration text), "
+                        "w8a8 (SmoothQuant int8), fp8 (e4m3); default: unquantized")
+    g.add_argument("--quantization-group-size", type=int, default=128,
+                   help="weights per scale for int8 / int4 / gptq (-1: one per output channel)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding as in vLLM, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": '
+                        '"JackFram/llama-68m", "draft_noise_scale": 0.3}\'; timing mode adds '
+                        '"acceptance_rate" or "acceptance_trace"')
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -90,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma arrivals' shape: 1 = Poisson, < 1 burstier")
     w.add_argument("--input-len", type=int, default=512, help="prompt tokens (synthetic)")
+    w.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="synthetic: every prompt starts with one of --num-system-prompts fixed "
+                        "system prompts of this many tokens, then --input-len own tokens (what "
+                        "--enable-prefix-caching is for)")
+    w.add_argument("--num-system-prompts", type=int, default=1,
+                   help="synthetic, with --shared-prefix-len: distinct system prompts")
     w.add_argument("--output-len", type=int, default=128, help="output tokens (synthetic)")
     w.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput")
     w.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput")
@@ -114,12 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
     kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
     kv.add_argument("--hardware", default=None, help="also size the KV pool on this GPU")
-    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
+    kv.add_argument("--kv-cache-dtype", default=None,
+                    help="KV cache dtype if it differs from --dtype (e.g. fp8)")
     kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     kv.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sub.add_parser("models", help="list the built-in model shapes")
     sub.add_parser("profiles", help="list the built-in hardware profiles")
+
+    plans = sub.add_parser("plans", help="feasible (tp, pp, ep, dp) plans and their predicted "
+                                         "throughput and latency on N GPUs",
+                           description="Every parallel plan using --num-gpus GPUs whose shapes "
+                                       "divide and whose weights fit, each simulated "
+                                       "(timing-only) on a default workload.")
+    plans.add_argument("--model", default=DEFAULT_MODEL)
+    plans.add_argument("--hardware", default=DEFAULT_HARDWARE)
+    plans.add_argument("--num-gpus", type=int, required=True)
+    plans.add_argument("--num-prompts", type=int, default=200)
+    plans.add_argument("--input-len", type=int, default=512)
+    plans.add_argument("--output-len", type=int, default=128)
+    plans.add_argument("--request-rate", type=float, default=None,
+                       help="requests/s, Poisson (default: all at once)")
+    plans.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -151,7 +234,7 @@ def cmd_kv_memory(ns: argparse.Namespace) -> int:
     report = kv_memory_report(
         ns.model, seq_len=ns.seq_len, batch_size=ns.batch_size, dtype=ns.dtype,
         hardware=ns.hardware, block_size=ns.block_size,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
+        gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_dtype=ns.kv_cache_dtype,
     )
     print(json.dumps(report, indent=2, default=str) if ns.json else format_kv_memory(report))
     return 0
@@ -212,12 +295,19 @@ def cmd_profiles(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plans(ns: argparse.Namespace) -> int:
+    from parallel.planner import run_plans
+
+    return run_plans(ns)
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
     "kv-memory": cmd_kv_memory,
     "models": cmd_models,
     "profiles": cmd_profiles,
+    "plans": cmd_plans,
 }
 
 

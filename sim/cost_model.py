@@ -19,8 +19,8 @@ context, in sequences and in the new tokens of a prefill, but turning a long-con
 2-token step can cost less attention time when the prefill kernel is compute-bound (its memory
 traffic then overlaps the compute).
 
-Tensor parallelism divides the per-GPU work; the all-reduce time itself is not priced yet (the
-`comm` part is 0, see `parallel/` for collective timing).
+Tensor parallelism divides the per-GPU work; the `comm` part is 0 here:
+`parallel.cost.ParallelCostModel` wraps this model and prices the collectives.
 
 References: Williams et al. 2009 (roofline); Yuan et al. 2024 (LLM-Viewer, roofline analysis of
 LLM inference); Agrawal et al. 2024 (Vidur, operator-level simulation of LLM serving).
@@ -69,7 +69,7 @@ _FALLBACK = {"attention_bandwidth": "memory_bandwidth"}
 _ACT_DTYPES = ("float32", "float16", "bfloat16")
 _BOUND = {True: "compute", False: "memory"}
 _PART_ORDER = ("qkv_proj", "attn_prefill", "attn_decode", "o_proj", "mlp", "moe", "norms",
-               "rope", "elementwise", "lm_head", "sampling")
+               "rope", "elementwise", "quant", "lm_head", "sampling")
 
 
 def efficiency(hardware: Any, key: str) -> float:
@@ -95,12 +95,15 @@ class CostModel:
 
     `dtype` is the weight/activation dtype (default: the model's); it picks the GEMM peak FLOP/s
     and the weight bytes (weight-only int4 computes in 16 bit). `kv_cache_dtype` (default: the
-    activation dtype) sets the KV bytes.
+    activation dtype) sets the KV bytes. `quantization` (a `sim.quantization.QuantSpec`, already
+    resolved for `hardware`) prices quantized weights, int8/fp8 GEMMs and (de)quantization work
+    on top of the 16-bit `dtype` (see `sim.quantization.timing`).
     """
 
     def __init__(self, model: ModelConfig, hardware: HardwareProfile, dtype: str | None = None,
                  kv_cache_dtype: str | None = None, tensor_parallel_size: int = 1,
-                 step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S) -> None:
+                 step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
+                 quantization: Any = None) -> None:
         tp = int(tensor_parallel_size)
         if tp < 1 or model.n_head % tp:
             raise ConfigError(
@@ -110,6 +113,7 @@ class CostModel:
         if step_overhead_s < 0:
             raise ConfigError(f"step_overhead_s must be >= 0, got {step_overhead_s}")
         self.model, self.hardware, self.tensor_parallel_size = model, hardware, tp
+        self.quantization = quantization
         self.dtype = canonical_dtype(dtype or model.dtype)
         self.act_dtype = self.dtype if self.dtype in _ACT_DTYPES else (
             model.dtype if model.dtype in _ACT_DTYPES else "float16")
@@ -120,11 +124,20 @@ class CostModel:
         peaks = hardware.peak_flops
         gemm_dtype = self.dtype if self.dtype in peaks else self.act_dtype
         self.gemm_peak_flops = float(hardware.peak_flops_for(gemm_dtype))
+        if quantization is not None:
+            from sim.quantization.timing import gemm_peak_flops
+
+            self.gemm_peak_flops = gemm_peak_flops(quantization, hardware, self.act_dtype)
         self.attn_peak_flops = float(hardware.peak_flops_for(self.act_dtype))
         self.hbm_bytes_per_s = float(hardware.hbm_bytes_per_s)
         self.dims = self._dims()
         n_moe = model.num_moe_layers
         self.ops: list[Op] = layer_ops(self.dims, model.n_layer, model.n_layer - n_moe, n_moe)
+        if quantization is not None:
+            from sim.quantization.timing import quantized_ops
+
+            self.ops = quantized_ops(self.ops, self.dims, quantization, hardware, self.act_dtype,
+                                     model.n_layer, min(1.0, efficiency(hardware, "matmul_flops")))
         self._build_tables()
 
     # ------------------------------------------------------------------ construction
@@ -138,7 +151,8 @@ class CostModel:
             d_head=m.d_head, n_inner_gpu=m.n_inner / tp, moe_n_inner_gpu=m.moe_n_inner / tp,
             shared_n_inner_gpu=m.shared_expert_n_inner / tp, n_vocab_gpu=m.n_vocab / tp,
             n_vocab=m.n_vocab, n_expert=m.n_expert, n_expert_per_tok=m.n_expert_per_tok,
-            gated=m.gated_mlp, weight_bytes=dtype_bytes(self.dtype), act_bytes=ab,
+            gated=m.gated_mlp, act_bytes=ab, weight_bytes=dtype_bytes(self.dtype)
+            if self.quantization is None else self.quantization.weight_bytes_per_param(m.n_embd),
             head_bytes=max(ab, dtype_bytes(self.dtype)), kv_bytes=dtype_bytes(self.kv_cache_dtype),
         )
 
@@ -160,8 +174,10 @@ class CostModel:
             [min(1.0, bw_eff[op.kind] * op.bw_scale) for op in ops]))  # [n_op]
         # one matrix-vector product gives, per op, compute seconds and memory seconds, and in
         # the last two rows the step's total FLOPs and bytes
+        extra_s = np.stack([np.zeros(NUM_FEATURES) if op.extra_compute_s is None
+                            else op.extra_compute_s for op in ops]) * counts[:, None]
         self._matrix = np.concatenate([
-            flops * s_per_flop[:, None], nbytes * s_per_byte[:, None],
+            flops * s_per_flop[:, None] + extra_s, nbytes * s_per_byte[:, None],
             flops.sum(axis=0, keepdims=True), nbytes.sum(axis=0, keepdims=True),
         ])  # [2 * n_op + 2, NUM_FEATURES]
         self._n_op = n_op
@@ -268,7 +284,8 @@ class CostModel:
 
     def describe(self) -> str:
         m = self.model
-        return (f"timing: {m.name} {self.dtype} (kv {self.kv_cache_dtype}) on "
+        quant = "" if self.quantization is None else f" {self.quantization.describe()}"
+        return (f"timing: {m.name} {self.dtype}{quant} (kv {self.kv_cache_dtype}) on "
                 f"{getattr(self.hardware, 'display_name', self.hardware)} "
                 f"x{self.tensor_parallel_size}")
 

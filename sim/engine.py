@@ -29,15 +29,18 @@ from batching.base import Scheduler, StepPlan
 from batching.commit import StopCriteria
 from cache import KV_CACHES
 from cache.base import KVCacheManager
+from cache.parallel_sampling import make_samples, sample_rng, start_forks
+from parallel.plan import ParallelPlan, plan_gpu_memory
 from sim.cost_model import CostModel
 from sim.engine_args import EngineArgs
 from sim.errors import ConfigError
 from sim.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
 from sim.executor import Executor, TimingExecutor
 from sim.hardware import load_profile
-from sim.memory_plan import MemoryPlan, plan_memory
+from sim.memory_plan import MemoryPlan
 from sim.metrics import MetricsCollector, RequestTimes, Summary
 from sim.model_zoo import resolve_model
+from sim.quantization import quant_spec
 from sim.request import Request, SamplingParams, Status
 from sim.step_series import StepSeries
 from sim.workload import RequestSpec
@@ -53,6 +56,7 @@ class StepStats:
     num_tokens_priced: int = 0
     num_preemptions: int = 0
     swap_s: float = 0.0  # KV swap transfers over the host link (included in busy_s)
+    draft_s: float = 0.0  # speculative draft-model steps (included in busy_s)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class SimulationResult:
     wall_s: float
     description: str
     steps: StepSeries | None = None
+    speculation: dict[str, Any] | None = None  # acceptance counts (speculative decoding)
 
 
 class Engine:
@@ -79,8 +84,23 @@ class Engine:
         self.hardware = load_profile(args.hardware)
         self.timing_dtype = args.timing_dtype(self.model_config.dtype)
         kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-        self.cost_model = CostModel(self.model_config, self.hardware, dtype=self.timing_dtype,
-                                    kv_cache_dtype=kv_dtype)
+        spec = quant_spec(args.quantization, args.quantization_group_size)
+        #: the quantization method as it runs on this device (fp8 may fall back to weight-only)
+        self.quantization = None if spec is None else spec.resolve(self.hardware)
+        self.plan = ParallelPlan.from_args(args.tensor_parallel_size,
+                                           args.pipeline_parallel_size, args.data_parallel_size,
+                                           args.enable_expert_parallel)
+        self.sharded = self.plan.tp * self.plan.pp > 1  # one replica spans several GPUs
+        self.parallel_stats: Any = None  # filled by parallel.runner (dp > 1 or pp > 1)
+        self.cost_model: Any = CostModel(self.model_config, self.hardware,
+                                         dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
+                                         quantization=self.quantization)
+        if self.sharded:
+            from parallel.cost import ParallelCostModel
+
+            self.cost_model = ParallelCostModel(self.model_config, self.hardware, self.plan,
+                                                dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
+                                                quantization=self.quantization)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(
@@ -88,17 +108,32 @@ class Engine:
                 f"max_position_embeddings ({self.model_config.max_position_embeddings}); "
                 "lower max_model_len"
             )
-        self.max_num_batched_tokens = args.max_num_batched_tokens or max(self.max_model_len, 2048)
-        self.memory: MemoryPlan = plan_memory(
-            self.model_config, self.hardware, dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
+        # vLLM's defaults: a whole prompt must fit one step, unless prompts are chunked
+        self.max_num_batched_tokens = args.max_num_batched_tokens or (
+            2048 if args.enable_chunked_prefill else max(self.max_model_len, 2048))
+        # one GPU's memory (of the binding pipeline stage when the plan splits the model)
+        quant = self.quantization
+        self.memory: MemoryPlan = plan_gpu_memory(
+            self.plan, self.model_config, self.hardware,
+            dtype=self.timing_dtype if quant is None else quant.weight_format,
+            kv_cache_dtype=kv_dtype or (None if quant is None else getattr(
+                self.cost_model, "base", self.cost_model).act_dtype),
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             block_size=args.block_size,
         )
-        if args.kv_cache != "none" and self.memory.num_kv_tokens < self.max_model_len:
+        if quant is not None:  # scale bytes counted; 16-bit embedding, head, norms
+            from sim.quantization.timing import quantized_memory_plan
+
+            self.memory = quantized_memory_plan(self.memory, self.model_config, quant,
+                                                self.plan.tp, self.plan.pp)
+        #: the KV pool: the memory plan's, or `num_gpu_blocks_override` blocks (as in vLLM)
+        self.num_kv_blocks = args.num_gpu_blocks_override or self.memory.num_kv_blocks
+        self.num_kv_tokens = self.num_kv_blocks * args.block_size
+        if args.kv_cache != "none" and self.num_kv_tokens < self.max_model_len:
             raise ConfigError(
                 f"max_model_len={self.max_model_len} is larger than the KV cache "
-                f"({self.memory.num_kv_tokens} tokens for {self.model_config.name} on "
+                f"({self.num_kv_tokens} tokens for {self.model_config.name} on "
                 f"{self.hardware.name}); lower max_model_len, raise gpu_memory_utilization or "
                 "use a larger GPU"
             )
@@ -113,17 +148,45 @@ class Engine:
             )
             eos = {self.tokenizer.eos_token_id, *model.config.eos_token_ids}
             self.eos_token_ids = frozenset(e for e in eos if e is not None)
+            if self.quantization is not None:
+                from sim.quantization.apply import quantize_model
+
+                model = quantize_model(model, self.quantization, tokenizer=self.tokenizer,
+                                       seed=args.seed)
             self.functional_model = model
             self.functional_description = f"{model.config.name} ({args.functional_dtype})"
+            if self.sharded:
+                from parallel.tensor import ShardedModel
+                from sim.quantization.apply import tag_activation_quant
+
+                self.functional_model = ShardedModel(model, self.plan)
+                tag_activation_quant(self.functional_model, getattr(
+                    self.quantization, "act_format", None))
+                self.functional_description += f" sharded {self.plan.describe()}"
         self.description = (
             f"functional: {self.functional_description}; timing: {self.model_config.name} "
             f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={self.kv_text}, "
             f"scheduler={args.scheduler}"
         )
+        if self.quantization is not None:
+            self.description += f"; quantization={self.quantization.describe()}"
+        self.speculation: Any = None
+        if args.speculative_config is not None:
+            from speculative.decoding import Speculation
+
+            self.speculation = Speculation(self)
+            self.description += f"; speculative: {self.speculation.describe()}"
 
     @property
     def kv_text(self) -> str:
         """The KV-cache choice with its options, for report headers."""
+        a = self.args
+        if a.kv_cache != "none" and a.kv_cache_dtype != "auto":
+            return self._kv_text_plain + f", kv_cache_dtype={a.kv_cache_dtype}"
+        return self._kv_text_plain
+
+    @property
+    def _kv_text_plain(self) -> str:
         a = self.args
         if a.kv_cache == "paged":
             extra = ", prefix caching" if a.enable_prefix_caching else ""
@@ -140,11 +203,11 @@ class Engine:
             return KV_CACHES["none"]()
         if args.kv_cache == "paged":
             return KV_CACHES["paged"](
-                self.memory.num_kv_blocks, args.block_size,
+                self.num_kv_blocks, args.block_size,
                 enable_prefix_caching=args.enable_prefix_caching,
                 preemption_mode=args.preemption_mode,
                 num_swap_blocks=int(args.swap_space * 2**30 // self.kv_block_bytes))
-        return KV_CACHES[args.kv_cache](self.memory.num_kv_tokens, self.max_model_len,
+        return KV_CACHES[args.kv_cache](self.num_kv_tokens, self.max_model_len,
                                         args.contiguous_reservation)
 
     @property
@@ -176,9 +239,19 @@ class Engine:
     def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
         if self.args.mode == "timing":
             return TimingExecutor()
+        if self.sharded:
+            from parallel.sharded_kv import ShardedExecutor
+
+            if self.args.kv_cache_dtype != "auto":
+                raise ConfigError(
+                    f"kv_cache_dtype={self.args.kv_cache_dtype!r} with a sharded functional "
+                    "model is not supported (per-GPU stores are unquantized); use mode='timing' "
+                    "or tensor_parallel_size = pipeline_parallel_size = 1")
+            return ShardedExecutor(self.functional_model, retains_kv, self.max_model_len, kv)
         from sim.numpy_executor import NumpyExecutor
 
-        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len, kv)
+        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len, kv,
+                             kv_cache_dtype=self.args.kv_cache_dtype)
 
     def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
         """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
@@ -200,19 +273,25 @@ class Engine:
                      params: SamplingParams, arrival_s: float,
                      prompt_token_ids: list[int] | None = None, prompt: str | None = None) -> Request:
         functional = self.args.mode == "functional"
-        rng = None
-        if functional and not params.greedy:
-            seed = params.seed if params.seed is not None else self.args.seed
-            key = () if params.seed is not None else (index, 0)
-            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
-        return Request(
-            request_id=request_id, index=index, num_prompt_tokens=num_prompt_tokens,
-            sampling=params, arrival_s=arrival_s, rng=rng, prompt=prompt,
-            prompt_token_ids=(prompt_token_ids if functional or self.args.enable_prefix_caching
-                              else None),
-            keep_tokens=functional,
-            logprobs=[] if params.logprobs is not None and functional else None,
-        )
+        if params.n > 1 and (self.plan.dp > 1 or self.plan.pp > 1):
+            raise ConfigError(f"SamplingParams(n={params.n}) is not supported with data or "
+                              "pipeline parallelism yet; use n=1 there")
+
+        def build(rid: str, p: SamplingParams, sample_index: int) -> Request:
+            return Request(
+                request_id=rid, index=index, num_prompt_tokens=num_prompt_tokens,
+                sampling=p, arrival_s=arrival_s, prompt=prompt, sample_index=sample_index,
+                rng=sample_rng(p, self.args.seed, index, sample_index) if functional else None,
+                prompt_token_ids=(prompt_token_ids if functional or self.args.enable_prefix_caching
+                                  else None),
+                keep_tokens=functional,
+                logprobs=[] if p.logprobs is not None and functional else None,
+            )
+
+        req = build(request_id, params, 0)
+        if params.n > 1:  # the other samples fork its prompt KV (cache.parallel_sampling)
+            make_samples(req, build)
+        return req
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -228,10 +307,17 @@ class Engine:
         `on_finish` sees each request as it ends (e.g. a progress bar); `record_steps` keeps a
         per-step time series (`SimulationResult.steps`).
         """
+        if self.plan.dp > 1 or self.plan.pp > 1:  # several schedulers on one clock
+            from parallel.runner import run_parallel
+
+            return run_parallel(self, requests, keep_requests, on_finish)
         wall_start = time.perf_counter()
         kv = self._kv_manager()
         scheduler = self._scheduler(kv)
         executor = self._executor(kv.retains_kv, kv)
+        if self.speculation is not None:  # the scheduler asks it for k; drafts + verification
+            executor = self.speculation.attach(scheduler, executor, kv, self.max_model_len,
+                                               getattr(self, "functional_model", None))
         metrics = MetricsCollector()
         stats = StepStats()
         steps = StepSeries() if record_steps else None
@@ -245,7 +331,7 @@ class Engine:
         admission = self.admission_control()
         # timing-only: run certain plain-decode stretches without a plan per step
         coast = (self.coast_enabled and self.args.mode == "timing"
-                 and hasattr(scheduler, "coast_horizon"))
+                 and hasattr(scheduler, "coast_horizon") and self.speculation is None)
 
         def next_arrival() -> None:
             nonlocal index, last_arrival_s
@@ -269,6 +355,10 @@ class Engine:
                 kept.append(req)
             if on_finish is not None:
                 on_finish(req)
+            for child in req.forks:  # samples of a request that never ran share its fate
+                reject(child, req.reject_reason or "its first sample never ran")
+                ended(child)
+            req.forks = []
 
         def dispatch_soon(now_s: float) -> None:
             nonlocal dispatch_pending
@@ -282,6 +372,13 @@ class Engine:
             now_s = event.time_s
             if event.priority == STEP_DONE:
                 plan, result = event.payload
+                if self.speculation is not None:
+                    self.speculation.observe(plan, result)
+                # n > 1: the other samples fork the prompt KV (per-GPU stores cannot share it)
+                for req, reason in start_forks(plan, scheduler, kv, share=not (
+                        self.sharded and self.args.mode == "functional")):
+                    reject(req, reason)
+                    ended(req)
                 for req in scheduler.update(plan, result, now_s):
                     ended(req)
                 if coast:
@@ -327,7 +424,8 @@ class Engine:
         stats.num_preemptions = getattr(scheduler, "num_preemptions", 0)
         summary = metrics.summary()
         return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
-                                self.description, steps)
+                                self.description, steps, None if self.speculation is None
+                                else self.speculation.summary())
 
     def admission_control(self) -> AdmissionControl:
         a = self.args
@@ -350,6 +448,10 @@ class Engine:
         shape = plan.shape
         step_s = self.cost_model.step_time_s(shape.num_new_tokens, shape.num_context_tokens,
                                              shape.total_logits)
+        if self.speculation is not None:  # the draft model runs before the verification pass
+            draft_s = self.speculation.draft_time_s(plan)
+            stats.draft_s += draft_s
+            step_s += draft_s
         stats.num_steps += 1
         stats.busy_s += step_s
         stats.num_tokens_computed += plan.num_new_tokens
@@ -369,13 +471,14 @@ class Engine:
         num_seqs = len(running)
         ones = (1,) * num_seqs
         context0 = np.array([r.num_computed for r in running])  # [num_seqs]
+        used0 = scheduler.kv.num_used_tokens()  # distinct KV tokens before the first coasted step
         end_times_s: list[float] = []
         for k in range(horizon):
             if now_s >= next_event_s:  # an arrival at or before this dispatch joins it
                 break
             step_s = self.cost_model.step_time_s(ones, tuple((context0 + k).tolist()), num_seqs)
             if steps is not None:
-                held = int(context0.sum()) + (k + 1) * num_seqs
+                held = used0 + (k + 1) * num_seqs
                 steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
                           len(scheduler.waiting), held, scheduler.kv.num_reserved_tokens())
             now_s = now_s + step_s
@@ -393,7 +496,7 @@ def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
                 scheduler: Any, kv: KVCacheManager) -> None:
     decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
     computed = plan.num_new_tokens
-    held = sum(s.end for s in plan.seqs) if kv.retains_kv else 0
+    held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
     steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
               len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens())
 

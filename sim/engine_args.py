@@ -3,7 +3,8 @@
 Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy tokens;
 `timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`, `paged`; with
 `block_size`, `enable_prefix_caching`, `contiguous_reservation` = `max_len` | `pow2` | `oracle`,
-`preemption_mode` = `recompute` | `swap` and `swap_space` GiB), `scheduler` (`static`,
+`preemption_mode` = `recompute` | `swap` and `swap_space` GiB; `kv_cache_dtype` = `auto` | `fp8`
+| `fp8_e4m3` | `fp8_e5m2` | `int8`, 8-bit KV in `cache.kv_quant`), `scheduler` (`static`,
 `continuous`), `functional_model` (what computes tokens when it should differ from `model`, the
 shape that is priced: by default a seeded tiny proxy of a built-in shape, or the real weights of a
 local checkpoint folder).
@@ -26,7 +27,10 @@ MODES = ("functional", "timing")
 KV_CACHE_CHOICES = ("none", "contiguous", "paged")
 CONTIGUOUS_RESERVATIONS = ("max_len", "pow2", "oracle")
 PREEMPTION_MODES = ("recompute", "swap")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # as cache.kv_quant
 SCHEDULER_CHOICES = ("static", "dynamic", "continuous")
+SCHEDULING_POLICIES = ("fcfs", "priority", "shortest_prompt_first")
+DATA_PARALLEL_ROUTERS = ("round_robin", "least_outstanding", "prefix_affinity")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
 
 
@@ -35,7 +39,7 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     hardware: str = DEFAULT_HARDWARE
     mode: str = "functional"
-    kv_cache: str = "contiguous"
+    kv_cache: str = "paged"
     scheduler: str = "continuous"
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
@@ -46,24 +50,50 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     functional_model: str | None = None
+    # model parallelism (the parallel issue; vLLM's names, plus the DP router, ours)
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    data_parallel_router: str = "round_robin"
     # KV cache (the cache issue): paged blocks, prefix caching, contiguous baselines, preemption
     block_size: int = 16
     enable_prefix_caching: bool = False
     contiguous_reservation: str = "max_len"
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's default)
+    num_gpu_blocks_override: int | None = None  # KV pool size in blocks instead of the plan's
     # request-level batching: static launches when full or after max_wait_s; dynamic (Triton)
     # as soon as a preferred batch size can be formed or after max_queue_delay_s
     max_wait_s: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_s: float = 0.05
+    # continuous batching: chunked prefill (Sarathi-Serve) and the waiting-queue policy
+    enable_chunked_prefill: bool = False
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    scheduling_policy: str = "fcfs"
     # admission control at arrival (None: off): queue limit, token bucket, SLO-aware rejection
     admission_max_waiting: int | None = None
     admission_rate_per_s: float | None = None
     admission_burst: int = 1
     admission_ttft_slo_s: float | None = None
+    # weight / activation quantization (sim.quantization): None, int8, int4, gptq, w8a8, fp8
+    quantization: str | None = None
+    quantization_group_size: int = 128
+    # speculative decoding (speculative/): vLLM's dict, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4}; a dict or JSON string becomes a SpeculativeConfig
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            from speculative.config import SpeculativeConfig
+
+            object.__setattr__(self, "speculative_config",
+                               SpeculativeConfig.from_any(self.speculative_config))
+        if self.quantization is not None:  # validates the method and the group size
+            from sim.quantization import QuantSpec
+
+            QuantSpec(self.quantization, self.quantization_group_size)
         for name, value, choices in (
             ("mode", self.mode, MODES),
             ("kv_cache", self.kv_cache, KV_CACHE_CHOICES),
@@ -74,11 +104,9 @@ class EngineArgs:
         ):
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        if self.kv_cache_dtype != "auto":
-            raise ConfigError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r}: quantized KV arrives with the cache "
-                "issue; use 'auto'"
-            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of "
+                              f"{', '.join(KV_CACHE_DTYPES)} (8-bit KV: cache.kv_quant)")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ConfigError(f"block_size must be a power of two from 1 to 256, got "
                               f"{self.block_size}")
@@ -90,7 +118,7 @@ class EngineArgs:
         for name in ("max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "max_num_batched_tokens"):
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
@@ -98,6 +126,15 @@ class EngineArgs:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy={self.scheduling_policy!r} is not one of "
+                              f"{', '.join(SCHEDULING_POLICIES)}")
+        if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
+            raise ConfigError("long_prefill_token_threshold must be >= 0 (0: no cap) and "
+                              "max_num_partial_prefills >= 1")
+        if self.enable_chunked_prefill and self.scheduler != "continuous":
+            raise ConfigError("enable_chunked_prefill needs scheduler='continuous' (chunks ride "
+                              "along with iteration-level decodes)")
         for name in ("max_wait_s", "max_queue_delay_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -118,11 +155,12 @@ class EngineArgs:
                 f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in 1..max_num_seqs "
                 f"({self.max_num_seqs})"
             )
-        if self.tensor_parallel_size > 1:
-            raise ConfigError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism arrives "
-                "with the parallel issue; use tensor_parallel_size=1 for now"
-            )
+        for name in ("pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.data_parallel_router not in DATA_PARALLEL_ROUTERS:
+            raise ConfigError(f"data_parallel_router={self.data_parallel_router!r} is not one "
+                              f"of {', '.join(DATA_PARALLEL_ROUTERS)}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

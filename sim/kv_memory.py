@@ -63,6 +63,10 @@ def kv_memory_report(model: ModelConfig | str, seq_len: int, batch_size: int,
         "total_kv_bytes": total,
         "kv_mib_per_token": per_token / 2**20, "kv_gib_per_request": per_request / 2**30,
         "total_kv_gib": total / 2**30,
+        "block_size": block_size, "kv_bytes_per_block": per_token * block_size,
+        "blocks_per_request": -(-seq_len // block_size),
+        # paged: the unfilled tail of the last block; contiguous pays max_model_len - seq_len
+        "paged_waste_tokens_per_request": -(-seq_len // block_size) * block_size - seq_len,
     }
     if hardware is not None:
         hw = load_profile(hardware) if isinstance(hardware, str) else hardware
@@ -94,6 +98,9 @@ def format_kv_memory(report: dict[str, Any]) -> str:
         f"  per request = per token x {r['seq_len']:,} tokens = {_human(r['kv_bytes_per_request'])}",
         f"  per batch   = per request x {r['batch_size']:,} requests = "
         f"{_human(r['total_kv_bytes'])}",
+        f"  paged       = {r['blocks_per_request']:,} blocks of {r['block_size']} tokens per "
+        f"request ({_human(r['kv_bytes_per_block'])} per block; "
+        f"{r['paged_waste_tokens_per_request']} slots unused in the last block)",
     ]
     if r["n_kv_head"] != r["n_head"]:
         lines.append(f"  (grouped-query attention: {r['n_kv_head']} KV heads for {r['n_head']} "

@@ -67,8 +67,12 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt (all arriving at t = 0) and return outputs in prompt order."""
+        """Run every prompt (all arriving at t = 0) and return outputs in prompt order.
+
+        `priority` (one per prompt; lower runs first) matters with
+        `scheduling_policy="priority"`, as in vLLM."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
@@ -92,25 +96,60 @@ class LLM:
             requests.append(self.engine.make_request(
                 str(self._counter), len(requests), len(ids), params, 0.0, ids, text))
             self._counter += 1
+        if priority is not None:
+            if len(priority) != len(requests):
+                raise ConfigError(f"got {len(priority)} priorities for {len(requests)} prompts")
+            for req, value in zip(requests, priority, strict=True):
+                req.priority = int(value)
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         try:
             result = self.engine.run(requests, on_finish=lambda _: bar.update())
         finally:
             bar.close()
         self.last_result = result
-        return [self._output(req) for req in sorted(result.requests, key=lambda r: r.index)]
+        samples: dict[int, list[Request]] = {}  # n > 1: every sample of a prompt, by index
+        for req in result.requests:
+            samples.setdefault(req.index, []).append(req)
+        return [self._output(sorted(samples[i], key=lambda r: r.sample_index))
+                for i in sorted(samples)]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of `{"role", "content"}` dicts) or to
+        several (a list of such lists), with the model's chat template applied (vLLM's `chat`)."""
+        tokenizer = self.get_tokenizer()
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise ConfigError(
+                f"model {self.engine_args.model!r} has no chat template (its tokenizer is "
+                f"{type(tokenizer).__name__}); use a model with one, e.g. "
+                "HuggingFaceTB/SmolLM2-135M-Instruct, or generate() with a plain prompt")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                list(conversation), add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": tokenizer.encode(text, add_bos=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def simulate(self, workload: Iterable[RequestSpec], keep_requests: bool = False) -> SimulationResult:
         """Serve a workload (arrivals over time) and return its metrics."""
         self.last_result = self.engine.run(workload, keep_requests=keep_requests)
         return self.last_result
 
-    def _output(self, req: Request) -> RequestOutput:
+    def _completion(self, req: Request) -> CompletionOutput:
         ids = list(req.output_token_ids)
         tokenizer = self.get_tokenizer()
         text = tokenizer.decode(ids, skip_special_tokens=req.sampling.skip_special_tokens) if ids else ""
-        completion = CompletionOutput(
-            index=0,
+        return CompletionOutput(
+            index=req.sample_index,
             text=text,
             token_ids=ids,
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
@@ -118,21 +157,29 @@ class LLM:
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason if req.stop_reason is not None else req.reject_reason,
         )
-        ran = req.status is Status.FINISHED
+
+    def _output(self, samples: list[Request]) -> RequestOutput:
+        """One prompt's `RequestOutput` from its samples (one unless `n > 1`), sample 0 first;
+        times span all samples (first token of any, last token and finish of all)."""
+        req = samples[0]
+        ran = all(r.status is Status.FINISHED for r in samples)
+        last_s = max((r.token_times_s[-1] for r in samples if r.token_times_s),
+                     default=req.arrival_s)
         metrics = RequestMetrics(
             arrival_time=req.arrival_s,
-            last_token_time=req.token_times_s[-1] if req.token_times_s else req.arrival_s,
+            last_token_time=last_s,
             first_scheduled_time=req.first_scheduled_s if ran else None,
-            first_token_time=req.first_token_s if ran else None,
+            first_token_time=min(r.first_token_s for r in samples) if ran else None,
             time_in_queue=req.first_scheduled_s - req.arrival_s if ran else None,
-            finished_time=req.finished_s if ran else None,
+            finished_time=max(r.finished_s for r in samples) if ran else None,
         )
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            outputs=[completion],
+            outputs=[self._completion(r) for r in samples],
             finished=True,
             metrics=metrics,
+            num_cached_tokens=req.num_cached_tokens,
             reject_reason=req.reject_reason,
         )

@@ -108,6 +108,10 @@ def resolve_model(name_or_path: str | Path) -> ModelConfig:
         return ModelConfig.from_json_file(path / "config.json")
     if path.suffix == ".json" and path.is_file():
         return ModelConfig.from_json_file(path)
+    if path.suffix == ".gguf" and path.is_file():  # llama.cpp file: shape from its metadata
+        from sim.gguf import read_gguf_config
+
+        return read_gguf_config(path)
     key = ALIASES.get(text, text)
     if key not in BUILTIN_HF_CONFIGS:
         lowered = {n.lower(): n for n in builtin_names()}

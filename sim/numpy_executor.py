@@ -13,7 +13,11 @@ import numpy as np
 
 from batching.admission import max_len
 from batching.base import StepPlan, StepResult
+from cache.base import KVCacheManager
+from cache.kv_quant import kv_codec
 from cache.kv_store import ContiguousKVStore
+from cache.paged import PagedKVCache
+from cache.paged_store import PagedKVStore
 from sim.numpy_model import NumpyModel, SeqChunk
 from sim.request import Logprob, Request
 from sim.sampling import sample_token, token_logprobs
@@ -22,12 +26,22 @@ from sim.sampling import sample_token, token_logprobs
 class NumpyExecutor:
     """Real tokens from the NumPy model (the `mode="functional"` executor)."""
 
-    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int) -> None:
+    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
+                 kv: KVCacheManager | None = None, kv_cache_dtype: str = "auto") -> None:
         cfg = model.config
+        codec = kv_codec(kv_cache_dtype)  # quantized KV contents (cache.kv_quant)
         self.model = model
         self.retains_kv = retains_kv
         self.max_model_len = max_model_len
-        self.store = ContiguousKVStore(cfg.n_layer, cfg.n_kv_head, cfg.d_head, model.dtype)
+        # paged KV: contents in blocks, addressed through the manager's block tables
+        self.kv = kv if isinstance(kv, PagedKVCache) else None
+        self.store: ContiguousKVStore | PagedKVStore
+        if self.kv is not None:
+            self.store = PagedKVStore(cfg.n_layer, cfg.n_kv_head, cfg.d_head, self.kv.block_size,
+                                      model.dtype, codec=codec)
+        else:
+            self.store = ContiguousKVStore(cfg.n_layer, cfg.n_kv_head, cfg.d_head, model.dtype,
+                                           codec=codec)
 
     def _logits(self, plan: StepPlan) -> list[np.ndarray | None]:
         """Next-token logits [n_vocab] for each sequence that samples this step (else None)."""
@@ -38,10 +52,17 @@ class NumpyExecutor:
                 for s in plan.seqs
             ]
         chunks = []
+        store = self.store
+        kv = self.kv
+        if kv is not None and isinstance(store, PagedKVStore):
+            store.apply_ops(kv.take_block_ops())  # swaps / copies queued by the schedule
         for s in plan.seqs:
             req = s.request
-            if not self.store.has(req.request_id):
-                self.store.allocate(req.request_id, max_len(req, self.max_model_len))
+            if isinstance(store, PagedKVStore):
+                if kv is not None:
+                    store.prepare(req.request_id, kv.block_table(req.request_id), s.start)
+            elif not store.has(req.request_id):
+                store.allocate(req.request_id, max_len(req, self.max_model_len))
             ids = np.asarray(req.token_ids_slice(s.start, s.end), dtype=np.int64)  # [n_new]
             chunks.append(SeqChunk(req.request_id, ids, s.start, 1 if s.samples else 0))
         logits = self.model.forward_step(chunks, self.store)  # [n_sampling, n_vocab]

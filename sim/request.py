@@ -27,7 +27,9 @@ class SamplingParams:
 
     `temperature=0` is greedy. `top_k=-1` (or 0) and `top_p=1` disable those filters. `seed` gives
     the request its own random stream; without it the engine derives one from its seed and the
-    request's index, so outputs never depend on what else is in the batch.
+    request's index, so outputs never depend on what else is in the batch. `n > 1` returns `n`
+    samples of one prompt that share its KV blocks (`cache.parallel_sampling`); sample `i` draws
+    from seed `seed + i` (vLLM v1), so it equals an `n=1` run with that seed.
     """
 
     n: int = 1
@@ -43,11 +45,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ConfigError(
-                f"SamplingParams(n={self.n}): parallel sampling arrives with the cache issue "
-                "(copy-on-write prompt sharing); use n=1 for now"
-            )
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n (parallel samples per prompt) must be an int >= 1, got {self.n!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -142,6 +141,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
     num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+    priority: int = 0  # scheduling_policy="priority": lower runs first (vLLM's convention)
     status: Status = Status.WAITING
     first_scheduled_s: float = math.nan
     first_token_s: float = math.nan
@@ -153,6 +155,10 @@ class Request:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # parallel sampling (`SamplingParams.n > 1`): which sample this sequence is, and (on sample
+    # 0 until its prompt is computed) the other samples, which then fork its prompt KV
+    sample_index: int = 0
+    forks: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

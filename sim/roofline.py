@@ -74,6 +74,9 @@ class Op:
     flops: np.ndarray  # [NUM_FEATURES]
     bytes: np.ndarray  # [NUM_FEATURES]
     bw_scale: float = 1.0  # achieved bandwidth relative to its class (efficiency capped at 1)
+    # seconds per feature added to the compute side (work off the tensor cores, such as weight
+    # dequantization; see sim.quantization.timing), or None
+    extra_compute_s: np.ndarray | None = None  # [NUM_FEATURES]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# the NumPy model's matrices are small: one BLAS thread is faster and keeps timings stable on a
+# shared 2-core machine (set before NumPy is first imported)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

@@ -131,3 +131,16 @@ def test_bad_policy_arguments():
         EngineArgs(scheduler="static", enable_chunked_prefill=True)
     with pytest.raises(ConfigError):
         EngineArgs(max_num_partial_prefills=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"enable_chunked_prefill": True},
+                                     {"scheduling_policy": "priority"}])
+def test_no_stall_under_kv_pressure(conv_trace, options):
+    """200 conversation requests at once on the default paged KV: memory runs out, long prompts
+    cannot fit beside the decodes, preemptions happen; every request still ends."""
+    from sim.workload import workload_from_trace
+
+    engine = Engine(EngineArgs(mode="timing", **options))
+    result = engine.run(workload_from_trace(conv_trace, num_requests=200, request_rate=math.inf))
+    assert result.summary.rejected_by_reason == {"prompt longer than max_model_len": 1}
+    assert result.summary.num_completed == 199

@@ -144,7 +144,9 @@ def test_unsorted_arrivals_are_an_error():
         {"kv_cache": "paged-ish"},
         {"scheduler": "magic"},
         {"mode": "fast"},
-        {"tensor_parallel_size": 2},
+        {"tensor_parallel_size": 0},
+        {"pipeline_parallel_size": 0},
+        {"data_parallel_router": "random"},
         {"max_model_len": -4},
     ],
 )

@@ -73,9 +73,9 @@ def test_unknown_engine_argument():
         LLM(model="meta-llama/Llama-2-7b-hf", max_num_seq=4)
 
 
-def test_tensor_parallel_not_yet():
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        LLM(model="meta-llama/Llama-2-7b-hf", tensor_parallel_size=2)
+def test_tensor_parallel_size_that_does_not_divide_the_heads_is_a_clear_error():
+    with pytest.raises(ConfigError, match="tensor_parallel_size 3 must divide n_head"):
+        LLM(model="meta-llama/Llama-2-7b-hf", tensor_parallel_size=3)
 
 
 def test_unknown_model_suggests():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from batching import SCHEDULERS
 from batching.commit import StopCriteria
 from cache import ContiguousKVCache, NoKVCache
+from cache.paged import PagedKVCache
 from sim.executor import TimingExecutor
 from sim.request import Request, SamplingParams, Status
 
@@ -32,16 +33,24 @@ def make_requests(specs) -> list[Request]:
 @given(
     specs=requests_strategy,
     scheduler=st.sampled_from(["static", "dynamic", "continuous"]),
-    kv_kind=st.sampled_from(["none", "contiguous"]),
-    max_num_seqs=st.integers(1, 6),
-    budget=st.integers(128, 600),
+    kv_kind=st.sampled_from(["none", "contiguous", "paged"]),
+    chunked=st.booleans(),
+    max_num_seqs=st.integers(1, 12),
+    budget=st.integers(48, 600),
     kv_tokens=st.integers(256, 2048),
 )
-@settings(max_examples=120, deadline=None)
-def test_scheduler_invariants(specs, scheduler, kv_kind, max_num_seqs, budget, kv_tokens):
-    kv = NoKVCache() if kv_kind == "none" else ContiguousKVCache(kv_tokens, MAX_MODEL_LEN)
+@settings(max_examples=300, deadline=None)
+def test_scheduler_invariants(specs, scheduler, kv_kind, chunked, max_num_seqs, budget,
+                              kv_tokens):
+    if kv_kind == "none":
+        kv = NoKVCache()
+    elif kv_kind == "contiguous":
+        kv = ContiguousKVCache(kv_tokens, MAX_MODEL_LEN)
+    else:  # a small pool: preemption happens
+        kv = PagedKVCache(kv_tokens // 16, 16)
+    options = {"enable_chunked_prefill": chunked} if scheduler == "continuous" else {}
     sched = SCHEDULERS[scheduler](kv, StopCriteria(frozenset(), MAX_MODEL_LEN), max_num_seqs,
-                                  budget)
+                                  budget, **options)
     executor = TimingExecutor()
     reqs = make_requests(specs)
     rejected, admitted_order = set(), []
@@ -53,6 +62,8 @@ def test_scheduler_invariants(specs, scheduler, kv_kind, max_num_seqs, budget, k
                 rejected.add(req.request_id)
         plan = sched.schedule(now_s)
         if plan is None:
+            # nothing schedulable only while nothing runs (else the engine would stall)
+            assert not getattr(sched, "running", []) and not getattr(sched, "batch", [])
             if not pending:
                 break
             now_s = pending[0].arrival_s
@@ -61,7 +72,7 @@ def test_scheduler_invariants(specs, scheduler, kv_kind, max_num_seqs, budget, k
         assert len(ids) == len(set(ids)), "a request scheduled twice in one step"
         assert len(ids) <= max_num_seqs
         assert sum(s.num_new_tokens for s in plan.seqs) <= budget
-        if kv_kind == "contiguous":
+        if kv_kind != "none":
             assert kv.num_reserved_tokens() <= kv_tokens
         for s in plan.seqs:
             if s.start == 0 and s.request.request_id not in admitted_order:
@@ -81,5 +92,5 @@ def test_scheduler_invariants(specs, scheduler, kv_kind, max_num_seqs, budget, k
         assert req.request_id in rejected or req.status is Status.FINISHED
     # FCFS: requests start in arrival order
     assert admitted_order == sorted(admitted_order, key=lambda rid: int(rid[1:]))
-    if kv_kind == "contiguous":
+    if kv_kind != "none":
         assert kv.num_reserved_tokens() == 0
