@@ -28,11 +28,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from parallel.data import ROUTERS, PrefixAffinityRouter
-from sim.engine import Engine, SimulationResult, StepStats, reject, request_times
+from sim.engine import Engine
 from sim.errors import ConfigError
 from sim.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
 from sim.metrics import MetricsCollector
 from sim.request import Request
+from sim.run_records import SimulationResult, StepStats, reject, request_times
 from sim.workload import RequestSpec
 
 

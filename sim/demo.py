@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
-from sim.engine import Engine, SimulationResult
+from sim.engine import Engine
 from sim.engine_args import EngineArgs
+from sim.run_records import SimulationResult
 from sim.workload import make_workload
 
 

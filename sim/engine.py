@@ -15,60 +15,45 @@ simulated-clock serving loop.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from batching import SCHEDULER_OPTIONS, SCHEDULERS
 from batching.admission import AdmissionControl
 from batching.base import Scheduler, StepPlan
-from batching.commit import StopCriteria
-from cache import KV_CACHES
 from cache.base import KVCacheManager
 from cache.parallel_sampling import make_samples, sample_rng, start_forks
-from parallel.plan import ParallelPlan, plan_gpu_memory
-from sim.cost_model import CostModel
+from parallel.plan import ParallelPlan
 from sim.engine_args import EngineArgs
+from sim.engine_parts import (
+    build_cost_model,
+    build_functional,
+    build_memory_plan,
+    kv_text,
+    make_executor,
+    make_kv_manager,
+    make_scheduler,
+)
 from sim.errors import ConfigError
 from sim.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
-from sim.executor import Executor, TimingExecutor
+from sim.executor import Executor
 from sim.hardware import load_profile
 from sim.memory_plan import MemoryPlan
-from sim.metrics import MetricsCollector, RequestTimes, Summary
+from sim.metrics import MetricsCollector
 from sim.model_zoo import resolve_model
 from sim.quantization import quant_spec
-from sim.request import Request, SamplingParams, Status
+from sim.request import Request, SamplingParams
+from sim.run_records import (
+    SimulationResult,
+    StepStats,
+    record_step,
+    reject,
+    request_times,
+)
 from sim.step_series import StepSeries
 from sim.workload import RequestSpec
-
-
-@dataclass
-class StepStats:
-    """Counters over the whole run (conservation checks and simulation speed)."""
-
-    num_steps: int = 0
-    busy_s: float = 0.0
-    num_tokens_computed: int = 0
-    num_tokens_priced: int = 0
-    num_preemptions: int = 0
-    swap_s: float = 0.0  # KV swap transfers over the host link (included in busy_s)
-    draft_s: float = 0.0  # speculative draft-model steps (included in busy_s)
-
-
-@dataclass
-class SimulationResult:
-    summary: Summary
-    metrics: MetricsCollector
-    requests: list[Request]
-    stats: StepStats
-    wall_s: float
-    description: str
-    steps: StepSeries | None = None
-    speculation: dict[str, Any] | None = None  # acceptance counts (speculative decoding)
 
 
 class Engine:
@@ -92,15 +77,7 @@ class Engine:
                                            args.enable_expert_parallel)
         self.sharded = self.plan.tp * self.plan.pp > 1  # one replica spans several GPUs
         self.parallel_stats: Any = None  # filled by parallel.runner (dp > 1 or pp > 1)
-        self.cost_model: Any = CostModel(self.model_config, self.hardware,
-                                         dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
-                                         quantization=self.quantization)
-        if self.sharded:
-            from parallel.cost import ParallelCostModel
-
-            self.cost_model = ParallelCostModel(self.model_config, self.hardware, self.plan,
-                                                dtype=self.timing_dtype, kv_cache_dtype=kv_dtype,
-                                                quantization=self.quantization)
+        self.cost_model: Any = build_cost_model(self, kv_dtype)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(
@@ -111,22 +88,7 @@ class Engine:
         # vLLM's defaults: a whole prompt must fit one step, unless prompts are chunked
         self.max_num_batched_tokens = args.max_num_batched_tokens or (
             2048 if args.enable_chunked_prefill else max(self.max_model_len, 2048))
-        # one GPU's memory (of the binding pipeline stage when the plan splits the model)
-        quant = self.quantization
-        self.memory: MemoryPlan = plan_gpu_memory(
-            self.plan, self.model_config, self.hardware,
-            dtype=self.timing_dtype if quant is None else quant.weight_format,
-            kv_cache_dtype=kv_dtype or (None if quant is None else getattr(
-                self.cost_model, "base", self.cost_model).act_dtype),
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            block_size=args.block_size,
-        )
-        if quant is not None:  # scale bytes counted; 16-bit embedding, head, norms
-            from sim.quantization.timing import quantized_memory_plan
-
-            self.memory = quantized_memory_plan(self.memory, self.model_config, quant,
-                                                self.plan.tp, self.plan.pp)
+        self.memory: MemoryPlan = build_memory_plan(self, kv_dtype)
         #: the KV pool: the memory plan's, or `num_gpu_blocks_override` blocks (as in vLLM)
         self.num_kv_blocks = args.num_gpu_blocks_override or self.memory.num_kv_blocks
         self.num_kv_tokens = self.num_kv_blocks * args.block_size
@@ -141,31 +103,11 @@ class Engine:
         self.functional_description = "none (timing-only: token counts)"
         self.eos_token_ids: frozenset[int] = frozenset()
         if args.mode == "functional":
-            from sim.proxy import load_functional_model
-
-            model, self.tokenizer = load_functional_model(
-                args.functional_model or args.model, dtype=args.functional_dtype
-            )
-            eos = {self.tokenizer.eos_token_id, *model.config.eos_token_ids}
-            self.eos_token_ids = frozenset(e for e in eos if e is not None)
-            if self.quantization is not None:
-                from sim.quantization.apply import quantize_model
-
-                model = quantize_model(model, self.quantization, tokenizer=self.tokenizer,
-                                       seed=args.seed)
-            self.functional_model = model
-            self.functional_description = f"{model.config.name} ({args.functional_dtype})"
-            if self.sharded:
-                from parallel.tensor import ShardedModel
-                from sim.quantization.apply import tag_activation_quant
-
-                self.functional_model = ShardedModel(model, self.plan)
-                tag_activation_quant(self.functional_model, getattr(
-                    self.quantization, "act_format", None))
-                self.functional_description += f" sharded {self.plan.describe()}"
+            (self.functional_model, self.tokenizer, self.eos_token_ids,
+             self.functional_description) = build_functional(self)
         self.description = (
             f"functional: {self.functional_description}; timing: {self.model_config.name} "
-            f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={self.kv_text}, "
+            f"({self.timing_dtype}) on {self.hardware.display_name}; kv_cache={kv_text(self)}, "
             f"scheduler={args.scheduler}"
         )
         if self.quantization is not None:
@@ -177,38 +119,15 @@ class Engine:
             self.speculation = Speculation(self)
             self.description += f"; speculative: {self.speculation.describe()}"
 
-    @property
-    def kv_text(self) -> str:
-        """The KV-cache choice with its options, for report headers."""
-        a = self.args
-        if a.kv_cache != "none" and a.kv_cache_dtype != "auto":
-            return self._kv_text_plain + f", kv_cache_dtype={a.kv_cache_dtype}"
-        return self._kv_text_plain
-
-    @property
-    def _kv_text_plain(self) -> str:
-        a = self.args
-        if a.kv_cache == "paged":
-            extra = ", prefix caching" if a.enable_prefix_caching else ""
-            swap = f" {a.swap_space:g} GiB" if a.preemption_mode == "swap" else ""
-            return f"paged (block {a.block_size}{extra}, preemption {a.preemption_mode}{swap})"
-        if a.kv_cache == "contiguous":
-            return f"contiguous ({a.contiguous_reservation})"
-        return a.kv_cache
-
     # ------------------------------------------------------------------ building blocks
     def _kv_manager(self) -> KVCacheManager:
-        args = self.args
-        if args.kv_cache == "none":
-            return KV_CACHES["none"]()
-        if args.kv_cache == "paged":
-            return KV_CACHES["paged"](
-                self.num_kv_blocks, args.block_size,
-                enable_prefix_caching=args.enable_prefix_caching,
-                preemption_mode=args.preemption_mode,
-                num_swap_blocks=int(args.swap_space * 2**30 // self.kv_block_bytes))
-        return KV_CACHES[args.kv_cache](self.num_kv_tokens, self.max_model_len,
-                                        args.contiguous_reservation)
+        return make_kv_manager(self)
+
+    def _scheduler(self, kv: KVCacheManager) -> Scheduler:
+        return make_scheduler(self, kv)
+
+    def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
+        return make_executor(self, retains_kv, kv)
 
     @property
     def kv_block_bytes(self) -> float:
@@ -227,31 +146,6 @@ class Engine:
         stats.swap_s += swap_s
         stats.busy_s += swap_s
         return swap_s
-
-    def _scheduler(self, kv: KVCacheManager) -> Scheduler:
-        stop = StopCriteria(self.eos_token_ids, self.max_model_len)
-        name = self.args.scheduler
-        options = {key: getattr(self.args, key) for key in SCHEDULER_OPTIONS[name]}
-        return SCHEDULERS[name](
-            kv, stop, self.args.max_num_seqs, self.max_num_batched_tokens, **options
-        )
-
-    def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
-        if self.args.mode == "timing":
-            return TimingExecutor()
-        if self.sharded:
-            from parallel.sharded_kv import ShardedExecutor
-
-            if self.args.kv_cache_dtype != "auto":
-                raise ConfigError(
-                    f"kv_cache_dtype={self.args.kv_cache_dtype!r} with a sharded functional "
-                    "model is not supported (per-GPU stores are unquantized); use mode='timing' "
-                    "or tensor_parallel_size = pipeline_parallel_size = 1")
-            return ShardedExecutor(self.functional_model, retains_kv, self.max_model_len, kv)
-        from sim.numpy_executor import NumpyExecutor
-
-        return NumpyExecutor(self.functional_model, retains_kv, self.max_model_len, kv,
-                             kv_cache_dtype=self.args.kv_cache_dtype)
 
     def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
         """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
@@ -490,38 +384,3 @@ class Engine:
         stats.num_tokens_priced += num_seqs * len(end_times_s)
         loop.now_s = now_s
         return now_s
-
-
-def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
-                scheduler: Any, kv: KVCacheManager) -> None:
-    decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
-    computed = plan.num_new_tokens
-    held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
-    steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
-              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens())
-
-
-def reject(req: Request, reason: str) -> None:
-    req.status = Status.REJECTED
-    req.finish_reason = "rejected"
-    req.reject_reason = reason
-
-
-def request_times(req: Request) -> RequestTimes:
-    rejected = req.status is Status.REJECTED
-    nan = math.nan
-    return RequestTimes(
-        request_id=req.request_id,
-        arrival_s=req.arrival_s,
-        first_scheduled_s=nan if rejected else req.first_scheduled_s,
-        first_token_s=nan if rejected else req.first_token_s,
-        finished_s=nan if rejected else req.finished_s,
-        token_times_s=req.token_times_s,
-        num_prompt_tokens=req.num_prompt_tokens,
-        num_output_tokens=req.num_output_tokens,
-        num_cached_prompt_tokens=0 if rejected else min(req.num_cached_tokens,
-                                                        req.num_prompt_tokens),
-        finish_reason=req.finish_reason or "aborted",
-        reject_reason=req.reject_reason,
-    )
-

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sim.engine import Engine, SimulationResult
+from sim.engine import Engine
 from sim.engine_args import EngineArgs
 from sim.errors import ConfigError
 from sim.model_zoo import DEFAULT_MODEL
@@ -31,6 +31,7 @@ from sim.request import (
     SamplingParams,
     Status,
 )
+from sim.run_records import SimulationResult
 from sim.tokenizer import ByteTokenizer
 from sim.workload import RequestSpec
 
