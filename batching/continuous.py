@@ -60,6 +60,8 @@ class ContinuousScheduler:
         # schedule() and nothing has been freed since
         self._head_blocked = False
         self.num_preemptions = 0
+        #: KV tokens reserved after each step `coast_horizon` certified (per-step series)
+        self.coast_reserved_tokens: list[int] = []
         #: speculative decoding (set by the engine): `num_spec_tokens(req, budget, max_len)`
         self.speculation: Any = None
 
@@ -224,10 +226,16 @@ class ContinuousScheduler:
             if req.sampling.max_tokens is not None:
                 left = min(left, req.sampling.max_tokens - req.num_output_tokens)
             horizon = min(horizon, left - 1)  # the step that may stop a request is not coasted
-            # no coasted step may need new KV memory (step k allocates num_tokens + k tokens)
-            horizon = min(horizon, self.kv.capacity(req) - req.num_tokens + 1)
             if horizon <= 0:
                 return 0
+        growth = getattr(self.kv, "coast_growth", None)
+        if growth is not None:  # paged: steps whose new blocks the pool surely has
+            self.coast_reserved_tokens = growth(self.running, horizon)
+            return len(self.coast_reserved_tokens)
+        # otherwise no coasted step may need new KV memory (step k allocates num_tokens + k)
+        for req in self.running:
+            horizon = min(horizon, self.kv.capacity(req) - req.num_tokens + 1)
+        self.coast_reserved_tokens = [self.kv.num_reserved_tokens()] * max(horizon, 0)
         return max(horizon, 0)
 
     def coast(self, step_end_times_s: list[float]) -> None:

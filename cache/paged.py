@@ -27,6 +27,9 @@ up to `num_tokens - 1`) and vLLM v0 `block_manager` (swap space in GiB).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
+
+import numpy as np
 
 from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
 from cache.usage import KVMemoryUsage
@@ -184,6 +187,26 @@ class PagedKVCache:
         num_full = n // self.block_size  # hashes of the parent's later blocks may not be ours
         self._hashes[cid] = list(self._hashes.get(pid, []))[:num_full]
         self._num_registered[cid] = min(self._num_registered[pid], num_full)
+
+    def coast_growth(self, requests: Sequence[Request], max_steps: int) -> list[int]:
+        """For plain-decode steps of `requests` (step j allocates `num_tokens + j` tokens of
+        each, in order): the reserved KV tokens after each step's allocation, for as many steps
+        (<= max_steps) as the pool surely serves by only taking fresh blocks. With prefix
+        caching or forks an allocation may do more (register, copy-on-write): then only the
+        steps that need no new block at all."""
+        bs = self.block_size
+        num_tokens = np.array([r.num_tokens for r in requests])  # [n]
+        held = np.array([len(self._tables[r.request_id]) for r in requests])  # [n] blocks
+        used_blocks = self.pool.num_used_blocks()
+        if self.enable_prefix_caching or self._forked:
+            steps = int(min(max_steps, (held * bs - num_tokens + 1).min()))
+            return [used_blocks * bs] * max(steps, 0)
+        step = np.arange(max_steps)  # [k]
+        # blocks each request holds after step j's allocation: [k, n]
+        after = np.maximum(held[None, :], -(-(num_tokens[None, :] + step[:, None]) // bs))
+        extra = (after - held[None, :]).sum(axis=1)  # [k] new blocks taken up to step j
+        ok = extra <= self.pool.num_free_blocks()  # [k], monotone: a prefix of True
+        return ((used_blocks + extra[ok]) * bs).tolist()
 
     def capacity(self, request: Request) -> int:
         """Tokens the request can hold without a new block."""

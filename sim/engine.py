@@ -374,7 +374,7 @@ class Engine:
             if steps is not None:
                 held = used0 + (k + 1) * num_seqs
                 steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
-                          len(scheduler.waiting), held, scheduler.kv.num_reserved_tokens())
+                          len(scheduler.waiting), held, scheduler.coast_reserved_tokens[k])
             now_s = now_s + step_s
             end_times_s.append(now_s)
             stats.busy_s += step_s
