@@ -20,7 +20,7 @@ SCHEDULER_OPTIONS: dict[str, tuple[str, ...]] = {
     "static": ("max_wait_s",),
     "dynamic": ("preferred_batch_sizes", "max_queue_delay_s"),
     "continuous": ("enable_chunked_prefill", "long_prefill_token_threshold",
-                   "max_num_partial_prefills", "scheduling_policy"),
+                   "max_num_partial_prefills", "scheduling_policy", "kv_watermark"),
 }
 
 __all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "ContinuousScheduler", "DynamicScheduler", "StaticScheduler"]

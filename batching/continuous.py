@@ -45,6 +45,7 @@ class ContinuousScheduler:
         long_prefill_token_threshold: int = 0,
         max_num_partial_prefills: int = 1,
         scheduling_policy: str = "fcfs",
+        kv_watermark: float = 0.01,
     ) -> None:
         self.kv = kv
         self.stop = stop
@@ -54,6 +55,9 @@ class ContinuousScheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_num_partial_prefills = max_num_partial_prefills
         self.policy = scheduling_policy
+        # vLLM v0's block watermark: admit only while this share of the KV pool stays free, so
+        # the running requests have room to grow before anyone must be preempted
+        self.watermark_tokens = int(kv_watermark * kv.usage().num_total_tokens)
         self.waiting = WaitingQueue(scheduling_policy)
         self.running: list[Request] = []
         # the head of `waiting` could not be admitted beside a plain-decode batch at the last
@@ -135,7 +139,7 @@ class ContinuousScheduler:
                 # the prompt cannot fit beside the running decodes: it gets this step to itself
                 # (the decodes wait one step) instead of waiting for the batch to drain
                 own_step = True
-            admitted = kv.allocate(req, start + n, hit)
+            admitted = self._above_watermark(req, start + n - hit) and kv.allocate(req, start + n, hit)
             while not admitted and self.policy == "priority":
                 # memory for a better request: preempt running requests of worse priority
                 worse = self._preempt_worse(req)
@@ -176,6 +180,13 @@ class ContinuousScheduler:
             req.num_cached_tokens = hit
         req.num_computed = max(req.num_computed, hit)
         seqs.append(ScheduledSeq(req, req.num_computed, n))
+
+    def _above_watermark(self, req: Request, num_new_tokens: int) -> bool:
+        """Whether admitting `req` (its first admission) leaves the watermark free; never blocks
+        a request when nothing runs (that would stall)."""
+        if not self.watermark_tokens or not self.running or req.num_preemptions:
+            return True
+        return self.kv.num_free_tokens() - num_new_tokens >= self.watermark_tokens
 
     def _preempt_worse(self, req: Request) -> Request | None:
         """Priority policy: preempt the running request of worst priority (latest first) if it

@@ -87,6 +87,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    choices=("fcfs", "priority", "shortest_prompt_first"),
                    help="waiting-queue order: arrival, request priority (lower first, may "
                         "preempt), or shortest prompt first")
+    g.add_argument("--kv-watermark", type=float, default=0.01,
+                   help="continuous: admit only while this share of the KV pool stays free")
     a = p.add_argument_group("admission control (reject at arrival, with a reason)")
     a.add_argument("--admission-max-waiting", type=int, default=None,
                    help="queue limit: reject when this many requests already wait")

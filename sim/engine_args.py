@@ -72,6 +72,8 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0
     max_num_partial_prefills: int = 1
     scheduling_policy: str = "fcfs"
+    # continuous batching: keep this share of the KV pool free at admission (vLLM v0's watermark)
+    kv_watermark: float = 0.01
     # admission control at arrival (None: off): queue limit, token bucket, SLO-aware rejection
     admission_max_waiting: int | None = None
     admission_rate_per_s: float | None = None
@@ -129,6 +131,8 @@ class EngineArgs:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"scheduling_policy={self.scheduling_policy!r} is not one of "
                               f"{', '.join(SCHEDULING_POLICIES)}")
+        if not 0 <= self.kv_watermark < 1:
+            raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
             raise ConfigError("long_prefill_token_threshold must be >= 0 (0: no cap) and "
                               "max_num_partial_prefills >= 1")

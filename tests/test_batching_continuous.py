@@ -144,3 +144,19 @@ def test_no_stall_under_kv_pressure(conv_trace, options):
     result = engine.run(workload_from_trace(conv_trace, num_requests=200, request_rate=math.inf))
     assert result.summary.rejected_by_reason == {"prompt longer than max_model_len": 1}
     assert result.summary.num_completed == 199
+
+
+def test_watermark_keeps_room_to_grow(conv_trace):
+    """vLLM v0's watermark: admitting only while 1% (here 10%) of the KV pool stays free leaves
+    the running requests room to grow, so fewer of them are preempted."""
+    from sim.workload import workload_from_trace
+
+    def preemptions(watermark):
+        engine = Engine(EngineArgs(mode="timing", kv_watermark=watermark,
+                                   num_gpu_blocks_override=2000))
+        result = engine.run(workload_from_trace(conv_trace, num_requests=150,
+                                                request_rate=math.inf, max_prompt_len=2048))
+        assert result.summary.num_completed == 150
+        return result.stats.num_preemptions
+
+    assert preemptions(0.10) < preemptions(0.0)
