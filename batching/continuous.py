@@ -253,6 +253,9 @@ class ContinuousScheduler:
         """Commit plain decode steps of every running request, ending at these times."""
         num_steps = len(step_end_times_s)
         for req in self.running:
+            if num_steps and req.num_output_tokens == 0:
+                # its last prompt token ran as a 1-token step: that step sampled the first token
+                req.first_token_s = step_end_times_s[0]
             req.num_computed += num_steps
             req.num_output_tokens += num_steps
             req.token_times_s.extend(step_end_times_s)

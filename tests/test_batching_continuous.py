@@ -160,3 +160,19 @@ def test_watermark_keeps_room_to_grow(conv_trace):
         return result.stats.num_preemptions
 
     assert preemptions(0.10) < preemptions(0.0)
+
+
+def test_coasting_a_prompt_whose_last_chunk_is_one_token(conv_trace):
+    """A chunked prompt can end with a 1-token chunk that looks like a decode to the timing
+    fast path; its first token time must still be stamped (found on the Azure trace)."""
+    from sim.workload import workload_from_trace
+
+    def run(coast):
+        engine = Engine(EngineArgs(mode="timing", enable_chunked_prefill=True))
+        engine.coast_enabled = coast
+        specs = workload_from_trace(conv_trace, num_requests=20, request_rate=0.5, seed=0,
+                                    max_prompt_len=2048, max_output_len=2048)
+        return [(r.request_id, r.first_token_s, tuple(r.token_times_s))
+                for r in engine.run(specs).requests]
+
+    assert run(True) == run(False)
