@@ -28,7 +28,9 @@ POLICIES = {
     "static": {"scheduler": "static"},
     "dynamic": {"scheduler": "dynamic"},
     "continuous": {"scheduler": "continuous"},
-    "chunked-prefill": {"scheduler": "continuous", "enable_chunked_prefill": True},
+    # Sarathi-Serve's regime: a small token budget so long prompts are really split
+    "chunked-prefill-512": {"scheduler": "continuous", "enable_chunked_prefill": True,
+                            "max_num_batched_tokens": 512},
 }
 SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.100
 
