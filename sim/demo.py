@@ -18,9 +18,10 @@ from sim.workload import make_workload
 def compare_kv_cache(
     model: str, hardware: str, num_prompts: int, input_len: int, output_len: int, seed: int = 0
 ) -> dict[str, SimulationResult]:
-    """Run one workload (all requests at t = 0) with `kv_cache="none"` and `"contiguous"`."""
+    """Run one workload (all requests at t = 0) with `kv_cache="none"` and the default paged
+    KV cache."""
     results = {}
-    for kv_cache in ("none", "contiguous"):
+    for kv_cache in ("none", "paged"):
         engine = Engine(EngineArgs(model=model, hardware=hardware, kv_cache=kv_cache, seed=seed))
         workload = make_workload(num_prompts, math.inf, input_len, output_len, seed=seed)
         results[kv_cache] = engine.run(workload)
@@ -35,11 +36,11 @@ def same_tokens(a: SimulationResult, b: SimulationResult) -> bool:
 
 def run_demo(model: str, hardware: str, num_prompts: int, input_len: int, output_len: int) -> str:
     results = compare_kv_cache(model, hardware, num_prompts, input_len, output_len)
-    base, cached = results["none"], results["contiguous"]
+    base, cached = results["none"], results["paged"]
     lines = [
         f"{num_prompts} requests, {input_len} prompt + {output_len} output tokens each, "
         "all arriving at t = 0",
-        cached.description.replace("kv_cache=contiguous, ", ""),
+        cached.description,
         "",
         f"{'':28s}{'no KV cache':>14s}{'KV cache':>14s}{'speedup':>10s}",
     ]
