@@ -116,22 +116,10 @@ class ContiguousKVStore:
               v: np.ndarray) -> None:
         kv = self._get(seq_id)
         written = self._num_written[seq_id]
-        n_new = k.shape[0]
-        expected = (n_new, self.n_kv_head, self.d_head)
-        if k.shape != expected or v.shape != expected:
-            raise InfersimError(f"KV store: k/v must have shape {expected}, got {k.shape} and "
-                                f"{v.shape}")
         if not 0 <= layer < self.n_layer:
             raise InfersimError(f"KV store: layer {layer} out of range 0..{self.n_layer - 1}")
-        end = start_pos + n_new
-        if start_pos < 0 or end > kv.shape[2]:
-            raise InfersimError(
-                f"KV store: writing positions {start_pos}..{end - 1} of sequence {seq_id!r} "
-                f"goes past its reservation of {kv.shape[2]} tokens; allocate/grow more")
-        if start_pos > written[layer]:
-            raise InfersimError(
-                f"KV store: writing sequence {seq_id!r} layer {layer} at position {start_pos} "
-                f"would leave a gap (positions 0..{written[layer] - 1} are written)")
+        end = check_write(seq_id, layer, start_pos, k, v, (self.n_kv_head, self.d_head),
+                          int(written[layer]), kv.shape[2], "reservation")
         if self.codec is not None:
             k = self.codec.round_trip(k, self.dtype)  # [n_new, n_kv, d_head]
             v = self.codec.round_trip(v, self.dtype)  # [n_new, n_kv, d_head]
@@ -159,3 +147,24 @@ class ContiguousKVStore:
     def _num_written_of(self, seq_id: Hashable) -> np.ndarray:
         self._get(seq_id)
         return self._num_written[seq_id]
+
+
+def check_write(seq_id: Hashable, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray,
+                head_shape: tuple[int, int], num_written: int, capacity: int,
+                what: str) -> int:
+    """Validate a KV write (shapes, room, no gap) for any store; the end position."""
+    n_new = k.shape[0]
+    expected = (n_new, *head_shape)
+    if k.shape != expected or v.shape != expected:
+        raise InfersimError(f"KV store: k/v must have shape {expected}, got {k.shape} and "
+                            f"{v.shape}")
+    end = start_pos + n_new
+    if start_pos < 0 or end > capacity:
+        raise InfersimError(
+            f"KV store: writing positions {start_pos}..{end - 1} of sequence {seq_id!r} goes "
+            f"past its {what} of {capacity} tokens; the cache manager must allocate first")
+    if start_pos > num_written:
+        raise InfersimError(
+            f"KV store: writing sequence {seq_id!r} layer {layer} at position {start_pos} "
+            f"would leave a gap (positions 0..{num_written - 1} are written)")
+    return end

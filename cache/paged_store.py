@@ -28,6 +28,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from cache.kv_quant import KVCodec
+from cache.kv_store import check_write
 from sim.errors import InfersimError
 
 
@@ -121,20 +122,8 @@ class PagedKVStore:
               v: np.ndarray) -> None:
         table = self._table(seq_id)
         written = self._num_written[seq_id]
-        n_new = k.shape[0]
-        expected = (n_new, self.n_kv_head, self.d_head)
-        if k.shape != expected or v.shape != expected:
-            raise InfersimError(f"KV store: k/v must have shape {expected}, got {k.shape} and "
-                                f"{v.shape}")
-        end = start_pos + n_new
-        if start_pos < 0 or end > table.shape[0] * self.block_size:
-            raise InfersimError(
-                f"KV store: writing positions {start_pos}..{end - 1} of sequence {seq_id!r} goes "
-                f"past its {table.shape[0]} blocks; the cache manager must allocate first")
-        if start_pos > written[layer]:
-            raise InfersimError(
-                f"KV store: writing sequence {seq_id!r} layer {layer} at position {start_pos} "
-                f"would leave a gap (positions 0..{written[layer] - 1} are written)")
+        end = check_write(seq_id, layer, start_pos, k, v, (self.n_kv_head, self.d_head),
+                          int(written[layer]), table.shape[0] * self.block_size, "blocks")
         pos = np.arange(start_pos, end)  # [n_new]
         blocks = table[pos // self.block_size]  # [n_new]
         offsets = pos % self.block_size  # [n_new]

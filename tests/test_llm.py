@@ -24,7 +24,7 @@ def test_classic_snippet(llm):
     for out in outputs:
         completion = out.outputs[0]
         assert isinstance(completion.text, str)
-        assert 1 <= len(completion.token_ids) <= 32
+        assert 0 < len(completion.token_ids) <= 32
         assert completion.finish_reason in ("stop", "length")
         m = out.metrics
         assert 0 == m.arrival_time <= m.first_scheduled_time < m.first_token_time
