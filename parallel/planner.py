@@ -13,10 +13,8 @@ References: Narayanan et al. 2021 (choosing tensor x pipeline x data degrees); Z
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from parallel.plan import ParallelPlan, candidate_plans
@@ -112,20 +110,3 @@ def format_plans(results: list[PlanResult]) -> str:
     head = (" tp  pp  ep  dp   KV tokens   out tok/s    TTFT ms   TPOT ms     E2E ms   comm  "
             "bubble")
     return "\n".join([head, *rows])
-
-
-def run_plans(ns: argparse.Namespace) -> int:
-    rate = math.inf if ns.request_rate is None else ns.request_rate
-    results = evaluate_plans(ns.model, ns.hardware, ns.num_gpus, num_prompts=ns.num_prompts,
-                             input_len=ns.input_len, output_len=ns.output_len,
-                             request_rate=rate)
-    if ns.json:
-        print(json.dumps([asdict(r) for r in results], indent=2, default=str))
-        return 0
-    print(f"plans for {ns.model} on {ns.num_gpus} x {ns.hardware}; workload: {ns.num_prompts} "
-          f"requests, {ns.input_len} in / {ns.output_len} out tokens, "
-          f"{'all at once' if ns.request_rate is None else f'{rate:g} req/s'} (timing-only)")
-    print(format_plans(results))
-    print("comm: share of communication in a 64-sequence decode step; bubble: idle share of "
-          "pipeline stages")
-    return 0

@@ -305,9 +305,25 @@ def cmd_profiles(ns: argparse.Namespace) -> int:
 
 
 def cmd_plans(ns: argparse.Namespace) -> int:
-    from parallel.planner import run_plans
+    import math
+    from dataclasses import asdict
 
-    return run_plans(ns)
+    from parallel.planner import evaluate_plans, format_plans
+
+    rate = math.inf if ns.request_rate is None else ns.request_rate
+    results = evaluate_plans(ns.model, ns.hardware, ns.num_gpus, num_prompts=ns.num_prompts,
+                             input_len=ns.input_len, output_len=ns.output_len,
+                             request_rate=rate)
+    if ns.json:
+        print(json.dumps([asdict(r) for r in results], indent=2, default=str))
+        return 0
+    print(f"plans for {ns.model} on {ns.num_gpus} x {ns.hardware}; workload: {ns.num_prompts} "
+          f"requests, {ns.input_len} in / {ns.output_len} out tokens, "
+          f"{'all at once' if ns.request_rate is None else f'{rate:g} req/s'} (timing-only)")
+    print(format_plans(results))
+    print("comm: share of communication in a 64-sequence decode step; bubble: idle share of "
+          "pipeline stages")
+    return 0
 
 
 COMMANDS = {
