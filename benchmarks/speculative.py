@@ -10,7 +10,9 @@
 3. **Methods, functional**: real drafts on the tiny proxy (float32): n-gram lookup and
    draft-model proxies of the target (noise 0.05 / 0.2, first layer only), their measured
    acceptance and the timing they imply for the 7B target; plus the real-text n-gram acceptance
-   trace of SmolLM2-135M (`benchmarks/acceptance_real.py`) replayed, when present.
+   trace of SmolLM2-135M (`benchmarks/acceptance_real.py`) replayed, when present; token trees
+   (`speculative.tree`, SpecInfer-style) against a chain at an equal budget of 6 verified draft
+   tokens per step.
 
 Writes `results/speculative.json`.
 """
@@ -101,6 +103,11 @@ def methods(num_prompts: int) -> list[dict]:
         "target[:1] k=2": {"method": "draft_model", "draft_num_layers": 1,
                            "num_speculative_tokens": 2},
     }
+    # tree vs chain at an equal verified-token budget (6 draft tokens scored per step)
+    noisy = {"method": "draft_model", "model": DRAFTS["llama-68m"], "draft_noise_scale": 0.2}
+    specs["chain k=6 noise 0.2 (68m)"] = {**noisy, "num_speculative_tokens": 6}
+    for tree in ([6], [3, 1], [2, 2], [2, 1, 1]):
+        specs[f"tree {tree} (6 nodes) noise 0.2 (68m)"] = {**noisy, "tree": tree}
     rows = []
     base_tokens = None
     base_s = None

@@ -71,6 +71,17 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="GiB of host memory for swapped-out KV (--preemption-mode swap)")
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="KV pool size in blocks instead of what the memory plan leaves")
+    g.add_argument("--kv-eviction", default=None,
+                   choices=("sliding_window", "streaming_llm", "h2o"),
+                   help="paged: keep only some KV per request (cache.kv_eviction): the last "
+                        "--kv-eviction-window tokens, plus --kv-eviction-sinks first tokens "
+                        "(streaming_llm) or --kv-eviction-heavy heavy hitters (h2o)")
+    g.add_argument("--kv-eviction-window", type=int, default=1024,
+                   help="--kv-eviction: recent tokens kept")
+    g.add_argument("--kv-eviction-sinks", type=int, default=4,
+                   help="--kv-eviction streaming_llm: attention-sink tokens kept")
+    g.add_argument("--kv-eviction-heavy", type=int, default=0,
+                   help="--kv-eviction h2o: heavy-hitter tokens kept")
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="8-bit KV (fp8 = fp8_e4m3, fp8_e5m2, int8; per-token, per-head scales): "
                         "twice the KV capacity of 16-bit, priced and quantized for real")

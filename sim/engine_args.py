@@ -4,10 +4,11 @@ Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy
 `timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`, `paged`; with
 `block_size`, `enable_prefix_caching`, `contiguous_reservation` = `max_len` | `pow2` | `oracle`,
 `preemption_mode` = `recompute` | `swap` and `swap_space` GiB; `kv_cache_dtype` = `auto` | `fp8`
-| `fp8_e4m3` | `fp8_e5m2` | `int8`, 8-bit KV in `cache.kv_quant`), `scheduler` (`static`,
-`continuous`), `functional_model` (what computes tokens when it should differ from `model`, the
-shape that is priced: by default a seeded tiny proxy of a built-in shape, or the real weights of a
-local checkpoint folder).
+| `fp8_e4m3` | `fp8_e5m2` | `int8`, 8-bit KV in `cache.kv_quant`; `kv_eviction` = `sliding_window`
+| `streaming_llm` | `h2o` with `kv_eviction_window` / `_sinks` / `_heavy`, in `cache.kv_eviction`),
+`scheduler` (`static`, `continuous`), `functional_model` (what computes tokens when it should
+differ from `model`, the shape that is priced: by default a seeded tiny proxy of a built-in
+shape, or the real weights of a local checkpoint folder).
 
 References: vLLM `vllm/engine/arg_utils.py` (EngineArgs).
 """
@@ -62,6 +63,11 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's default)
     num_gpu_blocks_override: int | None = None  # KV pool size in blocks instead of the plan's
+    # KV eviction (cache.kv_eviction): sliding_window, streaming_llm (sinks + window), h2o
+    kv_eviction: str | None = None
+    kv_eviction_window: int = 1024  # recent tokens kept
+    kv_eviction_sinks: int = 4  # StreamingLLM attention sinks
+    kv_eviction_heavy: int = 0  # H2O heavy hitters kept
     # request-level batching: static launches when full or after max_wait_s; dynamic (Triton)
     # as soon as a preferred batch size can be formed or after max_queue_delay_s
     max_wait_s: float = 0.0
@@ -165,6 +171,32 @@ class EngineArgs:
         if self.data_parallel_router not in DATA_PARALLEL_ROUTERS:
             raise ConfigError(f"data_parallel_router={self.data_parallel_router!r} is not one "
                               f"of {', '.join(DATA_PARALLEL_ROUTERS)}")
+        if self.kv_eviction is not None:
+            self._check_eviction()
+
+    def _check_eviction(self) -> None:
+        """KV eviction runs on the paged cache alone, without sharing or swapping."""
+        self.eviction()  # validates the policy and its sizes
+        if self.kv_cache != "paged":
+            raise ConfigError(f"kv_eviction needs kv_cache='paged', got {self.kv_cache!r}")
+        for bad, why in ((self.enable_prefix_caching, "enable_prefix_caching"),
+                         (self.preemption_mode != "recompute", "preemption_mode='swap'"),
+                         (self.kv_cache_dtype != "auto", "a quantized kv_cache_dtype"),
+                         (self.speculative_config is not None, "speculative decoding"),
+                         (self.tensor_parallel_size * self.pipeline_parallel_size > 1,
+                          "model parallelism")):
+            if bad:
+                raise ConfigError(f"kv_eviction={self.kv_eviction!r} does not combine with {why}"
+                                  " (evicted positions are per sequence); turn one of them off")
+
+    def eviction(self) -> Any:
+        """The `cache.kv_eviction.KVEviction` asked for, or None."""
+        if self.kv_eviction is None:
+            return None
+        from cache.kv_eviction import KVEviction
+
+        return KVEviction(self.kv_eviction, self.kv_eviction_window, self.kv_eviction_sinks,
+                          self.kv_eviction_heavy)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

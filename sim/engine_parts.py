@@ -35,8 +35,14 @@ def build_cost_model(engine: Engine, kv_dtype: str | None) -> Any:
         return ParallelCostModel(engine.model_config, engine.hardware, engine.plan,
                                  dtype=engine.timing_dtype, kv_cache_dtype=kv_dtype,
                                  quantization=engine.quantization)
-    return CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
+    cost = CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
                      kv_cache_dtype=kv_dtype, quantization=engine.quantization)
+    eviction = engine.args.eviction()
+    if eviction is not None:  # attention reads only the kept tokens
+        from cache.kv_eviction import EvictedContextCost
+
+        return EvictedContextCost(cost, eviction.budget)
+    return cost
 
 
 def build_memory_plan(engine: Engine, kv_dtype: str | None) -> MemoryPlan:
@@ -97,6 +103,8 @@ def kv_text(engine: Engine) -> str:
         return a.kv_cache
     if a.kv_cache_dtype != "auto":
         text += f", kv_cache_dtype={a.kv_cache_dtype}"
+    if a.kv_eviction is not None:
+        text += f", kv_eviction={a.kv_eviction} (budget {a.eviction().budget})"
     return text
 
 
@@ -109,7 +117,8 @@ def make_kv_manager(engine: Engine) -> KVCacheManager:
             engine.num_kv_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
-            num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes))
+            num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
+            eviction=args.eviction())
     return KV_CACHES[args.kv_cache](engine.num_kv_tokens, engine.max_model_len,
                                     args.contiguous_reservation)
 
@@ -138,4 +147,4 @@ def make_executor(engine: Engine, retains_kv: bool, kv: KVCacheManager | None = 
     from sim.numpy_executor import NumpyExecutor
 
     return NumpyExecutor(engine.functional_model, retains_kv, engine.max_model_len, kv,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, kv_eviction=args.eviction())

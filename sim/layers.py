@@ -127,7 +127,7 @@ def _softmax_masked(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              sliding_window: int | None = None) -> np.ndarray:
+              sliding_window: int | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Causal grouped-query attention of one sequence.
 
     `q` `[n_q, n_head, d_head]` at absolute positions `q_pos` `[n_q]`; `k`, `v`
@@ -141,7 +141,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
     kh = k.transpose(1, 2, 0)[:, None]  # [n_kv, 1, d, n_k]
     vh = v.transpose(1, 0, 2)[:, None]  # [n_kv, 1, n_k, d]
     scores = (qh @ kh) * q.dtype.type(1.0 / math.sqrt(d_head))  # [n_kv, g, n_q, n_k]
-    probs = _softmax_masked(scores, attention_mask(q_pos, n_k, sliding_window))
+    # `mask` `[n_q, n_k]` (a token tree's attention mask) replaces the causal one
+    allowed = attention_mask(q_pos, n_k, sliding_window) if mask is None else mask
+    probs = _softmax_masked(scores, allowed)  # [n_kv, g, n_q, n_k]
     out = probs @ vh  # [n_kv, g, n_q, d]
     return out.transpose(2, 0, 1, 3).reshape(n_q, n_head * d_head)  # [n_q, n_head * d]
 

@@ -114,6 +114,13 @@ class LLM:
         return [self._output(sorted(samples[i], key=lambda r: r.sample_index))
                 for i in sorted(samples)]
 
+    def beam_search(self, prompts: Sequence[PromptType], params: Any) -> list[Any]:
+        """Beam search (vLLM's `LLM.beam_search`): `params` a `sim.beam_search.BeamSearchParams`;
+        one `BeamSearchOutput` per prompt, its beams best first."""
+        from sim.beam_search import beam_search
+
+        return beam_search(self, list(prompts), params)
+
     def chat(
         self,
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],

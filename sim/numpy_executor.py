@@ -14,6 +14,7 @@ import numpy as np
 from batching.admission import max_len
 from batching.base import StepPlan, StepResult
 from cache.base import KVCacheManager
+from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quant import kv_codec
 from cache.kv_store import ContiguousKVStore
 from cache.paged import PagedKVCache
@@ -27,10 +28,14 @@ class NumpyExecutor:
     """Real tokens from the NumPy model (the `mode="functional"` executor)."""
 
     def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
-                 kv: KVCacheManager | None = None, kv_cache_dtype: str = "auto") -> None:
+                 kv: KVCacheManager | None = None, kv_cache_dtype: str = "auto",
+                 kv_eviction: KVEviction | None = None) -> None:
         cfg = model.config
         codec = kv_codec(kv_cache_dtype)  # quantized KV contents (cache.kv_quant)
-        self.model = model
+        self.model: NumpyModel | EvictingModel = model
+        if kv_eviction is not None:  # attention masked to kept positions; contents contiguous
+            self.model = EvictingModel(model, kv_eviction)
+            kv = None
         self.retains_kv = retains_kv
         self.max_model_len = max_model_len
         # paged KV: contents in blocks, addressed through the manager's block tables
@@ -87,3 +92,5 @@ class NumpyExecutor:
     def release(self, request: Request) -> None:
         if self.store.has(request.request_id):
             self.store.free(request.request_id)
+        if isinstance(self.model, EvictingModel):
+            self.model.release(request.request_id)

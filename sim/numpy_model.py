@@ -49,12 +49,16 @@ class SeqChunk:
 
     `start_pos` is how many tokens of this sequence are already in the KV store;
     `num_logits` asks for the logits of the last `num_logits` new tokens (0 mid-prompt).
+    A token tree (`speculative.tree`) also gives `positions` `[n_new]` (RoPE positions, default
+    `start_pos..`) and `attn_mask` `[n_new, start_pos + n_new]` over the KV slots (default causal).
     """
 
     seq_id: Hashable
     token_ids: np.ndarray  # [n_new]
     start_pos: int
     num_logits: int = 1
+    positions: np.ndarray | None = None  # [n_new]
+    attn_mask: np.ndarray | None = None  # [n_new, start_pos + n_new]
 
 
 def _model_dtype(dtype: str | np.dtype) -> np.dtype:
@@ -166,7 +170,8 @@ class NumpyModel:
                                   f"num_logits <= {n_new}, got {chunk.start_pos}, "
                                   f"{chunk.num_logits}")
             ids_list.append(ids)
-            pos_list.append(np.arange(chunk.start_pos, chunk.start_pos + n_new))  # [n_new]
+            pos_list.append(np.arange(chunk.start_pos, chunk.start_pos + n_new)  # [n_new]
+                            if chunk.positions is None else np.asarray(chunk.positions))
             rows.append(np.arange(offset + n_new - chunk.num_logits, offset + n_new))  # [k]
             offset += n_new
         if len({chunk.seq_id for chunk in chunks}) != len(chunks):
@@ -175,8 +180,9 @@ class NumpyModel:
         ids = self._check_ids(np.concatenate(ids_list))  # [n_tok]
         positions = np.concatenate(pos_list)  # [n_tok]
         starts = np.cumsum([0] + [len(i) for i in ids_list])  # [n_chunk + 1]
-        decode = [j for j, c in enumerate(chunks) if len(ids_list[j]) == 1]
-        others = [j for j, c in enumerate(chunks) if len(ids_list[j]) != 1]
+        decode = [j for j, c in enumerate(chunks) if len(ids_list[j]) == 1 and c.attn_mask is None]
+        others = [j for j, c in enumerate(chunks)
+                  if len(ids_list[j]) != 1 or c.attn_mask is not None]
         decode_rows = starts[decode]  # [n_decode]
         decode_pos = positions[decode_rows]  # [n_decode]
 
@@ -189,7 +195,11 @@ class NumpyModel:
             for j in others:
                 lo, hi = starts[j], starts[j + 1]
                 k_seq, v_seq = kv.read(chunks[j].seq_id, layer, chunks[j].start_pos + hi - lo)
-                out[lo:hi] = L.attention(q[lo:hi], k_seq, v_seq, positions[lo:hi], window)
+                tree = chunks[j].attn_mask
+                if tree is not None and window is not None:
+                    raise ConfigError("a token-tree chunk (attn_mask) cannot be combined with "
+                                      "a sliding window; use a model without sliding_window")
+                out[lo:hi] = L.attention(q[lo:hi], k_seq, v_seq, positions[lo:hi], window, tree)
             if decode:
                 out[decode_rows] = self._decode_attention(
                     layer, [chunks[j] for j in decode], q[decode_rows], decode_pos, kv, window)

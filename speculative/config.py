@@ -46,6 +46,7 @@ class SpeculativeConfig:
     acceptance_rate: float | None = None
     acceptance_trace: str | None = None
     adaptive: bool = False
+    tree: tuple[int, ...] | None = None  # branching factors of a token tree (speculative.tree)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +64,16 @@ class SpeculativeConfig:
             raise ConfigError(f"draft_noise_scale must be a finite number >= 0, got {noise}")
         if self.draft_num_layers is not None and self.draft_num_layers < 1:
             raise ConfigError(f"draft_num_layers must be >= 1, got {self.draft_num_layers}")
+        if self.tree is not None:
+            from speculative.tree import TreeShape
+
+            object.__setattr__(self, "tree", TreeShape(tuple(self.tree)).branching)
+            if self.method != "draft_model" or self.adaptive:
+                raise ConfigError("a token tree ('tree') needs method='draft_model' and no "
+                                  "adaptive k")
+            if self.acceptance_rate is not None or self.acceptance_trace is not None:
+                raise ConfigError("a token tree is verified from real drafts: tree speculation "
+                                  "runs in mode='functional' (drop acceptance_rate / trace)")
         rate = self.acceptance_rate
         if rate is not None and not 0 <= rate <= 1:
             raise ConfigError(f"acceptance_rate must be in [0, 1], got {rate}")
@@ -113,4 +124,6 @@ class SpeculativeConfig:
             parts.append(f"acceptance trace {self.acceptance_trace}")
         if self.adaptive:
             parts.append("adaptive k")
+        if self.tree is not None:
+            parts[1] = f"tree {list(self.tree)}"
         return ", ".join(parts)

@@ -45,7 +45,12 @@ class Speculation:
         args = engine.args
         cfg = SpeculativeConfig.from_any(args.speculative_config)
         self.config = cfg
-        self.k_max = cfg.num_speculative_tokens
+        from speculative.tree import TreeShape
+
+        self.tree = None if cfg.tree is None else TreeShape(cfg.tree)
+        # drafts verified per step: the tree's node count; draft positions observed: its depth
+        self.k_max = cfg.num_speculative_tokens if self.tree is None else self.tree.num_nodes
+        self.num_positions = self.k_max if self.tree is None else self.tree.depth
         if args.scheduler != "continuous":
             raise ConfigError("speculative decoding runs with scheduler='continuous'; "
                               f"got {args.scheduler!r}")
@@ -114,6 +119,10 @@ class Speculation:
             assert cfg.model is not None  # a draft model needs a model or a controlled proxy
             draft, _ = load_functional_model(cfg.model, dtype=engine.args.functional_dtype)
         self.draft_description = draft.config.name
+        if self.tree is not None:
+            from speculative.tree_proposer import TreeDraftProposer
+
+            return TreeDraftProposer(draft, target.config.n_vocab, self.tree)
         return DraftModelProposer(draft, target.config.n_vocab)
 
     def describe(self) -> str:
@@ -166,8 +175,8 @@ class Speculation:
         self.num_emitted = 0
         self.num_rejections = 0  # steps that rejected a draft (for the i.i.d. estimate of a)
         self.draft_s = 0.0
-        self.position_proposed = np.zeros(k, dtype=np.int64)  # [k]
-        self.position_accepted = np.zeros(k, dtype=np.int64)  # [k]
+        self.position_proposed = np.zeros(self.num_positions, dtype=np.int64)  # [k]
+        self.position_accepted = np.zeros(self.num_positions, dtype=np.int64)  # [k]
 
     # ------------------------------------------------------------------ control
     def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int:
@@ -176,6 +185,11 @@ class Speculation:
         left = max_model_len - req.num_tokens - 1  # drafts + bonus stay within max_model_len
         if req.sampling.max_tokens is not None:  # no point drafting past max_tokens
             left = min(left, req.sampling.max_tokens - req.num_output_tokens - 1)
+        if self.tree is not None:  # the whole tree or nothing; emits at most depth + 1 tokens
+            from batching.admission import max_len
+
+            slots = max_len(req, max_model_len) - req.num_tokens  # the tree's KV slots fit
+            return k if min(left, budget) >= self.tree.depth and min(slots, budget) >= k else 0
         k = max(0, min(k, left, budget))
         if k and self.functional and self.config.method == "ngram":
             k = len(self.proposer.propose(req, k).token_ids)  # a miss proposes nothing
@@ -202,10 +216,19 @@ class Speculation:
             new.append(req.num_tokens - seen)
             ctx.append(seen)
             ks.append(k)
-            self._draft_seen[req.request_id] = (req.num_tokens, k)
+            # a tree's draft KV is dropped after drafting: only the context stays seen
+            self._draft_seen[req.request_id] = (req.num_tokens, 1 if self.tree else k)
         if not ks:
             return 0.0
         draft_s = self.draft_cost.step_time_s(tuple(new), tuple(ctx))
+        if self.tree is not None:  # one draft step per deeper level: its nodes as new tokens
+            sizes = self.tree.level_sizes
+            for j in range(1, self.tree.depth):
+                draft_s += self.draft_cost.step_time_s(
+                    (sizes[j - 1],) * len(ks), tuple(c + n + sum(sizes[: j - 1])
+                                                     for c, n in zip(ctx, new, strict=True)))
+            self.draft_s += draft_s
+            return draft_s
         base = np.array([c + n for c, n in zip(ctx, new, strict=True)])  # [n_spec]
         kk = np.array(ks)  # [n_spec]
         for j in range(1, max(ks)):
@@ -230,8 +253,9 @@ class Speculation:
             self.num_proposed += k
             self.num_accepted += accepted
             self.num_emitted += accepted + 1
-            self.num_rejections += accepted < k
-            self.position_proposed[:k] += 1
+            n_pos = k if self.tree is None else self.tree.depth
+            self.num_rejections += accepted < n_pos
+            self.position_proposed[:n_pos] += 1
             self.position_accepted[:accepted] += 1
             extra = s.request.extra
             extra.setdefault("spec_proposed", []).append(k)
@@ -245,7 +269,7 @@ class Speculation:
     def summary(self) -> dict[str, Any]:
         """Acceptance over the run: overall, per draft position, mean tokens per step."""
         per_pos = np.divide(self.position_accepted, self.position_proposed,
-                            out=np.zeros(self.k_max), where=self.position_proposed > 0)  # [k]
+                            out=np.zeros(self.num_positions), where=self.position_proposed > 0)  # [k]
         return {
             "method": self.config.method,
             "num_speculative_tokens": self.k_max,

@@ -31,8 +31,10 @@ from sim.errors import InfersimError
 from sim.numpy_executor import NumpyExecutor
 from sim.numpy_model import NumpyModel, SeqChunk
 from sim.request import Request
-from sim.sampling import sample_token, token_logprobs
+from sim.sampling import sample_token, sampling_probs, token_logprobs
 from speculative.acceptance import AcceptanceReplay
+from speculative.tree import tree_chunk_layout, tree_verify_greedy, tree_verify_sampled
+from speculative.tree_proposer import TreeDraft
 from speculative.verify import verify
 
 
@@ -61,6 +63,11 @@ class SpeculativeExecutor(NumpyExecutor):
             self._prepare(req, s.start)
             k = s.num_spec_tokens
             committed = req.token_ids_slice(s.start, s.end - k)
+            if k and isinstance(drafts[i], TreeDraft):  # a token tree: its own positions, mask
+                positions, mask = tree_chunk_layout(s.start, len(committed), drafts[i].parents)
+                ids = np.asarray(committed + list(drafts[i].token_ids), dtype=np.int64)  # [n_new]
+                chunks.append(SeqChunk(req.request_id, ids, s.start, k + 1, positions, mask))
+                continue
             if k:
                 draft = drafts[i].token_ids
                 if len(draft) != k:
@@ -83,6 +90,9 @@ class SpeculativeExecutor(NumpyExecutor):
             params = req.sampling
             if n_rows == 0:
                 out: tuple[int, ...] = ()
+            elif s.num_spec_tokens and isinstance(drafts[i], TreeDraft):
+                out, logit_rows = self._verify_tree(s, drafts[i], rows)
+                rows = rows[logit_rows]  # [len(out), n_vocab] the rows the tokens came from
             elif s.num_spec_tokens:
                 draft = drafts[i]
                 out = verify(draft.token_ids, draft.probs, rows, params, req.rng).token_ids
@@ -96,6 +106,31 @@ class SpeculativeExecutor(NumpyExecutor):
             tokens.append(out[-1] if out else -1)
             emitted.append(out)
         return StepResult(tuple(tokens), None, tuple(emitted), tuple(entries))
+
+    def _verify_tree(self, s: Any, draft: TreeDraft,
+                     rows: np.ndarray) -> tuple[tuple[int, ...], list[int]]:
+        """Verify a token tree; move the accepted nodes' K/V to their final slots (the tree
+        sat in slots `end - k ..`; the path's node at depth t belongs at slot `end - k + t - 1`)."""
+        req = s.request
+        params = req.sampling
+        if params.greedy:
+            res = tree_verify_greedy(draft.token_ids, draft.parents, rows)
+        else:
+            if req.rng is None:
+                raise InfersimError("rejection sampling needs the request's random generator")
+            target = np.stack([sampling_probs(r, params) for r in rows])  # [1 + n, n_vocab]
+            res = tree_verify_sampled(draft.token_ids, draft.parents, target, draft.probs,
+                                      req.rng)
+        base = s.end - s.num_spec_tokens
+        src = base + np.asarray(res.path, dtype=np.int64)  # [n_accepted]
+        if src.size and np.any(src != base + np.arange(src.size)):
+            store = self.store
+            for layer in range(self.model.config.n_layer):
+                k_all, v_all = store.read(req.request_id, layer, s.end)  # [end, n_kv, d] x2
+                store.write(req.request_id, layer, base, k_all[src], v_all[src])
+        if isinstance(self.store, ContiguousKVStore):  # keep committed + accepted path
+            self.store.truncate(req.request_id, base + len(res.path))
+        return res.token_ids, [0] + [p + 1 for p in res.path]
 
     def _prepare(self, req: Request, start: int) -> None:
         """The step's KV view of `req` (as `NumpyExecutor` does)."""
