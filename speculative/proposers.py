@@ -97,31 +97,34 @@ class DraftModelProposer:
     def propose(self, request: Request, k: int) -> Draft:
         return self.propose_batch([request], [k])[0]
 
+    def catch_up(self, req: Request, num_draft: int) -> SeqChunk:
+        """The chunk that brings the draft's KV up to the request's committed tokens: rejected
+        draft positions are rolled back, room is made for `num_draft` more."""
+        ctx = context_of(req)
+        rid = req.request_id
+        common = 0
+        for a, b in zip(self._seen.get(rid, []), ctx, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ctx) - 1)  # recompute at least the last token's logits
+        need = len(ctx) + num_draft
+        if not self.store.has(rid):
+            self.store.allocate(rid, 2 * need)
+        elif self.store.capacity(rid) < need:
+            self.store.grow(rid, 2 * need)
+        self.store.truncate(rid, common)  # roll back rejected draft positions
+        self._seen[rid] = ctx
+        new = np.asarray(ctx[common:], dtype=np.int64)  # [n_new]
+        return SeqChunk(rid, new, common)
+
     def propose_batch(self, requests: Sequence[Request], ks: Sequence[int]) -> list[Draft]:
         active = [i for i, k in enumerate(ks) if k > 0]
         tokens: dict[int, list[int]] = {i: [] for i in active}
         probs: dict[int, list[np.ndarray]] = {i: [] for i in active}
         chunks = []
         for i in active:  # catch up on the committed tokens the draft has not seen
-            req = requests[i]
-            ctx = context_of(req)
-            rid = req.request_id
-            seen = self._seen.get(rid, [])
-            common = 0
-            for a, b in zip(seen, ctx, strict=False):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ctx) - 1)  # recompute at least the last token's logits
-            need = len(ctx) + ks[i]
-            if not self.store.has(rid):
-                self.store.allocate(rid, 2 * need)
-            elif self.store.capacity(rid) < need:
-                self.store.grow(rid, 2 * need)
-            self.store.truncate(rid, common)  # roll back rejected draft positions
-            self._seen[rid] = ctx
-            new = np.asarray(ctx[common:], dtype=np.int64)  # [n_new]
-            chunks.append(SeqChunk(rid, new, common))
+            chunks.append(self.catch_up(requests[i], ks[i]))
         step = 0
         while chunks:
             logits = self.model.forward_step(chunks, self.store)  # [n_active, n_vocab]

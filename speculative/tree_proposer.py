@@ -26,7 +26,7 @@ from sim.errors import ConfigError
 from sim.numpy_model import NumpyModel, SeqChunk
 from sim.request import Request
 from sim.sampling import sampling_probs
-from speculative.proposers import DraftModelProposer, context_of
+from speculative.proposers import DraftModelProposer
 from speculative.tree import TreeShape, ancestors_mask, depths
 from speculative.verify import draw
 
@@ -61,25 +61,9 @@ class TreeDraftProposer(DraftModelProposer):
         ctx_len: dict[int, int] = {}
         chunks = []
         for i in active:  # catch up on the committed tokens the draft has not seen
-            req = requests[i]
-            ctx = context_of(req)
-            rid = req.request_id
-            seen = self._seen.get(rid, [])
-            common = 0
-            for a, b in zip(seen, ctx, strict=False):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(ctx) - 1)
-            need = len(ctx) + n
-            if not self.store.has(rid):
-                self.store.allocate(rid, 2 * need)
-            elif self.store.capacity(rid) < need:
-                self.store.grow(rid, 2 * need)
-            self.store.truncate(rid, common)
-            self._seen[rid] = ctx
-            ctx_len[i] = len(ctx)
-            chunks.append(SeqChunk(rid, np.asarray(ctx[common:], dtype=np.int64), common))
+            chunk = self.catch_up(requests[i], n)
+            ctx_len[i] = chunk.start_pos + len(chunk.token_ids)
+            chunks.append(chunk)
         tokens = {i: np.zeros(n, dtype=np.int64) for i in active}  # [n] each
         probs: dict[int, np.ndarray] = {}
         first = 0  # first node of the level being expanded (-1 row: the root)
