@@ -13,13 +13,20 @@ Three policies, each a budget of kept positions per sequence (and per layer for 
 Functional side (`EvictingModel`): a wrapper around a `NumpyModel` whose `forward_step` masks
 attention to the kept positions. Every query is treated as if decoded token by token (a prompt
 token at position p sees what a decode step at p would), so prefill and decode agree and
-teacher-forced quality measures equal what generation sees. The K/V of evicted positions stay in
-the (contiguous) NumPy store - a simulator convenience - but are never read.
+teacher-forced quality measures equal what generation sees.
 
-Timing / capacity side: the paged manager caps each request's blocks at `held_blocks` (the kept
-budget rounded up to blocks, plus one block for the partly evicted block at the window's old
-edge), so memory stops growing once the budget is full; `EvictedContextCost` prices decode
-attention over the kept tokens only (`min(context, budget)`).
+Sliding window and StreamingLLM keep a block-aligned-enough set (a prefix of sinks and a suffix
+window): over the paged store (`cache.paged_store`), the paged manager releases every block that
+lies entirely past the sinks and before the oldest position any later query can read, back to
+the pool (its table entry becomes -1), and attention gathers only the kept positions
+(`kept_positions`, `PagedKVStore.read_positions`). H2O's kept set is scattered over the whole
+sequence (heavy hitters anywhere), so no block is ever surely dead: H2O stays masked over a
+contiguous NumPy store that keeps evicted K/V (never read), and the paged manager only caps its
+accounting at `held_blocks` (the budget in blocks, plus one for the window's partly evicted edge).
+
+Timing / capacity side: memory stops growing once the budget is full (really so for the two
+block-freeing policies); `EvictedContextCost` prices decode attention over the kept tokens only
+(`min(context, budget)`).
 
 References: Jiang et al. 2023 (Mistral 7B, sliding window attention); Xiao et al. 2023
 (StreamingLLM, "Efficient Streaming Language Models with Attention Sinks", 4 sink tokens);
@@ -36,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from cache.kv_store import KVStore
+from cache.paged_store import PagedKVStore
 from sim.errors import ConfigError
 
 KV_EVICTION_POLICIES = ("sliding_window", "streaming_llm", "h2o")
@@ -79,9 +87,38 @@ class KVEviction:
         full = -(-num_tokens // block_size)
         return min(full, -(-self.budget // block_size) + 1)
 
+    @property
+    def frees_blocks(self) -> bool:
+        """Whether dead blocks can be released (sliding / streaming: not H2O)."""
+        return self.policy != "h2o"
+
+    @property
+    def num_sinks(self) -> int:
+        """Leading positions always kept (StreamingLLM's sinks; 0 otherwise)."""
+        return self.sinks if self.policy == "streaming_llm" else 0
+
+    def max_held_blocks(self, num_prompt_tokens: int, max_len: int, block_size: int) -> int:
+        """Most blocks a request ever holds when dead blocks are released: its whole prompt
+        (prefilled at once) or, decoding, the sink blocks plus the blocks a window can span."""
+        full = -(-max_len // block_size)
+        if not self.frees_blocks:
+            return self.held_blocks(max_len, block_size)
+        steady = -(-self.num_sinks // block_size) + (self.window - 1 + block_size - 1) // block_size + 1
+        return min(full, max(-(-num_prompt_tokens // block_size), steady))
+
+    def kept_positions(self, first_query: int, end: int) -> np.ndarray:
+        """Key positions `[n_kept]` that queries `first_query..end-1` may read (sliding /
+        streaming): the sinks, then everything from the oldest query's window on."""
+        sinks = min(self.num_sinks, end)
+        start = max(first_query - self.window + 1, sinks)
+        return np.concatenate([np.arange(sinks), np.arange(start, end)])  # [n_kept]
+
     def static_mask(self, q_pos: np.ndarray, num_keys: int) -> np.ndarray:
         """Boolean `[n_q, num_keys]`: which keys each query reads (sliding / streaming)."""
-        k_pos = np.arange(num_keys)  # [n_k]
+        return self.mask(q_pos, np.arange(num_keys))  # [n_q, n_k]
+
+    def mask(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        """Boolean `[n_q, n_k]`: which of the keys at `k_pos` each query reads."""
         allowed = k_pos[None, :] <= q_pos[:, None]  # [n_q, n_k]
         recent = k_pos[None, :] > q_pos[:, None] - self.window  # [n_q, n_k]
         if self.policy == "streaming_llm":
@@ -164,6 +201,12 @@ class EvictingModel:
             for j, ch in enumerate(chunks):
                 lo, hi = starts[j], starts[j + 1]
                 kv.write(ch.seq_id, layer, ch.start_pos, k[lo:hi], v[lo:hi])
+                if isinstance(kv, PagedKVStore) and self.eviction.frees_blocks:
+                    k_pos = self.eviction.kept_positions(ch.start_pos, ch.start_pos + hi - lo)
+                    k_seq, v_seq = kv.read_positions(ch.seq_id, layer, k_pos)  # [n_kept, ..] x2
+                    allowed = self.eviction.mask(positions[lo:hi], k_pos)  # [n_q, n_kept]
+                    out[lo:hi] = masked_attention(q[lo:hi], k_seq, v_seq, allowed)[0]
+                    continue
                 k_seq, v_seq = kv.read(ch.seq_id, layer, ch.start_pos + hi - lo)  # [n_k, ..] x2
                 if self.eviction.policy == "h2o":
                     out[lo:hi] = self._h2o_attend(ch.seq_id, layer, q[lo:hi], k_seq, v_seq,

@@ -61,6 +61,11 @@ class PagedKVCache:
         self.num_swap_blocks = num_swap_blocks
         # KV eviction (cache.kv_eviction): a request's blocks stop growing at the kept budget
         self.eviction = eviction
+        # sliding window / StreamingLLM: blocks no later query reads go back to the pool (their
+        # table entries become -1); H2O only caps the accounting (cache.kv_eviction)
+        self._frees = eviction is not None and eviction.frees_blocks
+        self._evicted_upto: dict[str, int] = {}  # request_id -> table entries checked so far
+        self.num_evicted_blocks = 0  # blocks released by KV eviction (metric)
         self._host_free = list(range(num_swap_blocks))  # a heap
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
@@ -80,6 +85,9 @@ class PagedKVCache:
     # ------------------------------------------------------------------ KVCacheManager
     def never_fits(self, request: Request, max_len: int) -> str | None:
         need = self._blocks_for(max_len)
+        if self.eviction is not None:
+            need = self.eviction.max_held_blocks(request.num_prompt_tokens, max_len,
+                                                 self.block_size)
         if need > self.pool.num_blocks:
             return (f"larger than the KV cache: {max_len} tokens need {need} blocks of "
                     f"{self.block_size} > the whole pool ({self.pool.num_blocks} blocks); lower "
@@ -122,6 +130,8 @@ class PagedKVCache:
                 self.num_queried_tokens += request.num_prompt_tokens
                 self.num_hit_tokens += num_cached_tokens
         else:
+            if self._frees:
+                self._release_evicted(rid, table, request.num_computed)
             # copy-on-write: a block shared with a fork is copied before this step writes it
             old = self._num_tokens.get(rid, 0)
             cow = ([i for i in range(old // self.block_size, min(len(table), need))
@@ -145,7 +155,8 @@ class PagedKVCache:
         rid = request.request_id
         table = self._tables.pop(rid, None)
         if table is not None:
-            self.pool.release(table[::-1])  # tail first: evicted first
+            self.pool.release([b for b in table[::-1] if b >= 0])  # tail first: evicted first
+        self._evicted_upto.pop(rid, None)
         self._sum_tokens -= self._kept(self._num_tokens.pop(rid, 0))
         self._hashes.pop(rid, None)
         self._num_registered.pop(rid, None)
@@ -252,7 +263,8 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ paged extras
     def block_table(self, request_id: str) -> list[int]:
-        """Physical block ids of the request's logical blocks (a live list: do not modify)."""
+        """Physical block ids of the request's logical blocks (a live list: do not modify);
+        -1 for a block released by KV eviction."""
         return self._tables.get(request_id, [])
 
     def take_block_ops(self) -> list[tuple[str, int, int]]:
@@ -277,22 +289,40 @@ class PagedKVCache:
         refs = [0] * self.pool.num_blocks
         for table in self._tables.values():
             for block in table:
-                refs[block] += 1
+                if block >= 0:
+                    refs[block] += 1
         assert refs == self.pool.ref_count, "reference counts differ from block tables"
         for rid, table in self._tables.items():
-            assert len(table) * self.block_size >= self._kept(self._num_tokens[rid])
+            held = sum(1 for b in table if b >= 0)
+            assert held * self.block_size >= self._kept(self._num_tokens[rid])
         assert len(self._host_free) + sum(map(len, self._swapped.values())) == self.num_swap_blocks
 
     # ------------------------------------------------------------------ internals
     def _blocks_for(self, num_tokens: int) -> int:
         """Blocks a request of `num_tokens` tokens holds (capped under KV eviction)."""
-        if self.eviction is None:
+        if self.eviction is None or self._frees:
             return -(-num_tokens // self.block_size)
         return self.eviction.held_blocks(num_tokens, self.block_size)
 
     def _kept(self, num_tokens: int) -> int:
         """Tokens whose KV a request of `num_tokens` tokens keeps."""
         return num_tokens if self.eviction is None else min(num_tokens, self.eviction.budget)
+
+    def _release_evicted(self, rid: str, table: list[int], num_computed: int) -> None:
+        """Release the blocks that lie past the sinks and wholly before the oldest position a
+        query from `num_computed` on can read (sliding window / StreamingLLM)."""
+        assert self.eviction is not None
+        bs = self.block_size
+        first_kept = num_computed - self.eviction.window + 1  # oldest key a later query reads
+        lo = max(-(-self.eviction.num_sinks // bs), self._evicted_upto.get(rid, 0))
+        hi = min(max(first_kept, 0) // bs, len(table))  # block b is dead iff (b+1)*bs <= first
+        dead = [table[i] for i in range(lo, hi) if table[i] >= 0]
+        for i in range(lo, hi):
+            table[i] = -1
+        if hi > lo:
+            self._evicted_upto[rid] = hi
+        self.pool.release(dead)
+        self.num_evicted_blocks += len(dead)
 
     def _request_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         """Chained hashes of the full blocks among the request's first `num_tokens` tokens

@@ -156,6 +156,28 @@ class PagedKVStore:
             v = self.codec.decode(v[:end_pos], sv[:end_pos], self.dtype)  # [end_pos, n_kv, d]
         return k[:end_pos], v[:end_pos]  # [end_pos, n_kv, d_head] x2
 
+    def read_positions(self, seq_id: Hashable, layer: int,
+                       positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K and V `[n_pos, n_kv_head, d_head]` of the given positions only (KV eviction: the
+        blocks of evicted positions are released, their table entries -1, and never read)."""
+        table = self._table(seq_id)
+        pos = np.asarray(positions, dtype=np.int64)  # [n_pos]
+        written = int(self._num_written[seq_id][layer])
+        if pos.shape[0] and (int(pos.max()) >= written or int(pos.min()) < 0):
+            raise InfersimError(f"KV store: reading positions up to {int(pos.max())} of sequence "
+                                f"{seq_id!r} layer {layer}, but only 0..{written - 1} are written")
+        blocks = table[pos // self.block_size]  # [n_pos]
+        if (blocks < 0).any():
+            raise InfersimError(f"KV store: sequence {seq_id!r} reads a position whose block was "
+                                "released by KV eviction")
+        offsets = pos % self.block_size  # [n_pos]
+        k = self.pool[layer, 0, blocks, offsets]  # [n_pos, n_kv, d_head]
+        v = self.pool[layer, 1, blocks, offsets]  # [n_pos, n_kv, d_head]
+        if self.codec is not None:
+            k = self.codec.decode(k, self.scales[layer, 0, blocks, offsets], self.dtype)
+            v = self.codec.decode(v, self.scales[layer, 1, blocks, offsets], self.dtype)
+        return k, v
+
     def gather_padded(self, seq_ids: Sequence[Hashable], layer: int, firsts: Sequence[int],
                       sizes: Sequence[int], out: np.ndarray) -> None:
         """Fill `out` `[2, n_seq, max_len, n_kv_head, d_head]` with K and V of positions

@@ -33,9 +33,10 @@ class NumpyExecutor:
         cfg = model.config
         codec = kv_codec(kv_cache_dtype)  # quantized KV contents (cache.kv_quant)
         self.model: NumpyModel | EvictingModel = model
-        if kv_eviction is not None:  # attention masked to kept positions; contents contiguous
+        if kv_eviction is not None:  # attention reads only the kept positions
             self.model = EvictingModel(model, kv_eviction)
-            kv = None
+            if not kv_eviction.frees_blocks:  # H2O: masked over a contiguous store
+                kv = None
         self.retains_kv = retains_kv
         self.max_model_len = max_model_len
         # paged KV: contents in blocks, addressed through the manager's block tables

@@ -127,7 +127,8 @@ def test_quality_cost_is_measured_and_shrinks_with_the_budget(proxy):
 
 
 def test_held_blocks_stop_growing_at_the_budget():
-    ev = KVEviction("streaming_llm", 20, sinks=4)  # budget 24 tokens: 2 blocks of 16, + 1
+    """H2O only caps its accounting (its kept set is not block-aligned)."""
+    ev = KVEviction("h2o", 20, heavy=4)  # budget 24 tokens: 2 blocks of 16, + 1
     kv = PagedKVCache(16, 16, eviction=ev)
     req = _req("a")
     assert kv.never_fits(req, 10_000) is None  # any length fits: the KV stops growing
@@ -145,6 +146,57 @@ def test_held_blocks_stop_growing_at_the_budget():
     kv.free(other)
     kv.check()
     assert kv.num_used_tokens() == 0 and kv.pool.num_free_blocks() == 16
+
+
+@pytest.mark.parametrize("policy", ["sliding_window", "streaming_llm"])
+def test_dead_blocks_go_back_to_the_pool(policy):
+    ev = KVEviction(policy, 20, sinks=4)
+    kv = PagedKVCache(16, 16, eviction=ev)
+    req = _req("a")
+    assert kv.never_fits(req, 10_000) is None
+    bound = ev.max_held_blocks(10, 10_000, 16)
+    assert bound == (4 if policy == "streaming_llm" else 3)
+    assert kv.allocate(req, 10)
+    free_counts = []
+    for n in range(11, 400):  # decode: step n computes position n - 1
+        req.num_computed = n - 1
+        assert kv.allocate(req, n)
+        kv.check()
+        table = kv.block_table("a")
+        held = [b for b in table if b >= 0]
+        assert len(held) <= bound and len(table) == -(-n // 16)
+        if policy == "streaming_llm":
+            assert table[0] >= 0  # the sinks' block stays
+        free_counts.append(kv.pool.num_free_blocks())
+    assert kv.num_evicted_blocks > 16  # more blocks than the pool has: they were reused
+    assert min(free_counts[-100:]) >= 16 - bound
+    kv.free(req)
+    kv.check()
+    assert kv.pool.num_free_blocks() == 16 and kv.num_used_tokens() == 0
+
+
+@pytest.mark.parametrize("policy,extra", POLICIES[:2])
+def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra):
+    """Over the paged store, generation equals masked attention over all positions (the
+    contiguous path, `EvictingModel.forward` on the whole sequence), and no block leaks."""
+    ev = KVEviction(policy, 6, **{k.removeprefix("kv_eviction_"): v for k, v in extra.items()})
+    llm = LLM(dtype="float64", max_model_len=96, kv_eviction=policy, kv_eviction_window=6,
+              block_size=4, **extra)
+    managers = []
+    make = llm.engine._kv_manager
+    llm.engine._kv_manager = lambda: managers.append(make()) or managers[-1]
+    prompts = PROMPTS[:2]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    masked = EvictingModel(llm.engine.functional_model, ev)
+    for p, o in zip(prompts, outs, strict=True):
+        seq = list(p["prompt_token_ids"])
+        for _ in range(30):  # the masked path, greedy, token by token
+            seq.append(int(np.argmax(masked.forward(seq)[-1])))
+        assert o.outputs[0].token_ids == seq[len(p["prompt_token_ids"]):]
+    (kv,) = managers
+    assert kv.num_evicted_blocks > 0
+    kv.check()
+    assert kv.pool.num_free_blocks() == kv.pool.num_blocks
 
 
 def test_more_requests_fit_and_decode_reads_fewer_bytes():
