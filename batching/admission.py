@@ -17,13 +17,6 @@ from cache.base import KVCacheManager
 from sim.request import Request
 
 
-def max_len(request: Request, max_model_len: int) -> int:
-    """The longest this request may grow: prompt + max_tokens, capped by max_model_len."""
-    if request.sampling.max_tokens is None:
-        return max_model_len
-    return min(max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)
-
-
 def never_runs(
     request: Request, kv: KVCacheManager, stop: StopCriteria, max_num_batched_tokens: int,
     chunked: bool = False,
@@ -33,7 +26,7 @@ def never_runs(
     if request.num_prompt_tokens > stop.max_model_len:
         return (f"prompt longer than max_model_len: {request.num_prompt_tokens} tokens > "
                 f"max_model_len={stop.max_model_len}")
-    longest = max_len(request, stop.max_model_len)
+    longest = request.max_len(stop.max_model_len)
     # one step computes the whole prompt; without a KV cache, the whole (growing) sequence
     need = request.num_prompt_tokens if kv.retains_kv else longest
     if need > max_num_batched_tokens and not (chunked and kv.retains_kv):

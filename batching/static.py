@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from batching.admission import max_len, never_runs
+from batching.admission import never_runs
 from batching.base import ScheduledSeq, StepPlan, StepResult
 from batching.commit import StopCriteria, commit_step, finish
 from cache.base import KVCacheManager
@@ -88,12 +88,12 @@ class StaticScheduler:
         while self.waiting and len(self.batch) < size:
             req = self.waiting[0]
             step_tokens = (req.num_prompt_tokens if self.kv.retains_kv
-                           else max_len(req, self.stop.max_model_len))
+                           else req.max_len(self.stop.max_model_len))
             padded = max(longest, step_tokens) * (len(self.batch) + 1)
             if self.batch and padded > self.max_num_batched_tokens:
                 break
             # a static batch cannot preempt: reserve the most it may grow to (paged KV too)
-            if not self.kv.allocate(req, max_len(req, self.stop.max_model_len)):
+            if not self.kv.allocate(req, req.max_len(self.stop.max_model_len)):
                 break
             self.kv.allocate(req, req.num_tokens)
             self.waiting.popleft()

@@ -79,9 +79,6 @@ class BlockPool:
         """The block holding this chained hash, if cached (referenced or not)."""
         return self._hash_to_block.get(block_hash)
 
-    def is_cached(self, block_id: int) -> bool:
-        return block_id in self._block_hash
-
     # ------------------------------------------------------------------ changes
     def take_new(self, num: int) -> list[int]:
         """`num` fresh blocks with reference count 1 (evicting LRU cached blocks if needed)."""

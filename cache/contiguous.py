@@ -26,13 +26,6 @@ from sim.request import Request
 RESERVATIONS = ("max_len", "pow2", "oracle")
 
 
-def request_limit(request: Request, max_model_len: int) -> int:
-    """The longest the request may grow: prompt + max_tokens, capped by max_model_len."""
-    if request.sampling.max_tokens is None:
-        return max_model_len
-    return min(max_model_len, request.num_prompt_tokens + request.sampling.max_tokens)
-
-
 class ContiguousKVCache:
     """Reserve one slab per request (see `contiguous_reservation`) out of `num_kv_tokens`."""
 
@@ -55,7 +48,7 @@ class ContiguousKVCache:
     def reservation_tokens(self, request: Request) -> int:
         if self.reservation == "max_len":
             return self.max_model_len
-        limit = request_limit(request, self.max_model_len)
+        limit = request.max_len(self.max_model_len)
         if self.reservation == "oracle":
             return limit
         return min(1 << (limit - 1).bit_length(), self.max_model_len)
@@ -81,7 +74,7 @@ class ContiguousKVCache:
             if num_tokens > reserved or reserved > self.num_free_tokens():
                 return False
             self._reserved[rid] = reserved
-            self._limit[rid] = min(request_limit(request, self.max_model_len), reserved)
+            self._limit[rid] = min(request.max_len(self.max_model_len), reserved)
             self._num_reserved += reserved
         elif num_tokens > reserved:
             return False

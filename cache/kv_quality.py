@@ -40,16 +40,6 @@ def kv_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
     return teacher_forced_logits(model, token_ids, store, chunk_size, seq_id="eval")
 
 
-def window_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
-                  window: int) -> np.ndarray:
-    """Logits `[n, n_vocab]` when every layer attends only to the last `window` tokens (a
-    Mistral-style sliding window imposed on a model trained without one): the quality side of
-    evicting everything outside the window (`eviction_logits` with `sliding_window` agrees)."""
-    windowed = NumpyModel(model.config, model.weights, model.dtype.name,
-                          layer_windows=(window,) * model.config.n_layer)
-    return reference_logits(windowed, token_ids)
-
-
 def eviction_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
                     eviction: KVEviction, chunk_size: int | None = None) -> np.ndarray:
     """Logits `[n, n_vocab]` at every position when attention reads only what `eviction`

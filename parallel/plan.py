@@ -24,7 +24,7 @@ x data); Lepikhin et al. 2021 (GShard, expert parallelism); vLLM `vllm/config.py
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sim.dtypes import canonical_dtype, dtype_bytes
@@ -238,10 +238,6 @@ class ParallelPlan:
         others = [p.describe() for p in fitting if p.num_gpus != fewest]
         return (f"{head}; plans that fit: {'; '.join(best)}"
                 + (f" (also {'; '.join(others)})" if others else ""))
-
-    def with_dp(self, dp: int) -> ParallelPlan:
-        return replace(self, dp=dp)
-
 
 def padded_vocab(n_vocab: int, tp: int) -> int:
     """Vocabulary rows after padding to a multiple of `tp` (each rank holds the same count)."""

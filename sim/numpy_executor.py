@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from batching.admission import max_len
 from batching.base import StepPlan, StepResult
 from cache.base import KVCacheManager
 from cache.kv_eviction import EvictingModel, KVEviction
@@ -68,7 +67,7 @@ class NumpyExecutor:
                 if kv is not None:
                     store.prepare(req.request_id, kv.block_table(req.request_id), s.start)
             elif not store.has(req.request_id):
-                store.allocate(req.request_id, max_len(req, self.max_model_len))
+                store.allocate(req.request_id, req.max_len(self.max_model_len))
             ids = np.asarray(req.token_ids_slice(s.start, s.end), dtype=np.int64)  # [n_new]
             chunks.append(SeqChunk(req.request_id, ids, s.start, 1 if s.samples else 0))
         logits = self.model.forward_step(chunks, self.store)  # [n_sampling, n_vocab]

@@ -165,6 +165,12 @@ class Request:
         """Prompt plus output tokens so far."""
         return self.num_prompt_tokens + self.num_output_tokens
 
+    def max_len(self, max_model_len: int) -> int:
+        """The longest this request may grow: prompt + max_tokens, capped by max_model_len."""
+        if self.sampling.max_tokens is None:
+            return max_model_len
+        return min(max_model_len, self.num_prompt_tokens + self.sampling.max_tokens)
+
     @property
     def num_uncomputed(self) -> int:
         """Tokens whose KV does not exist yet (the work the next step must do)."""

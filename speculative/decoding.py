@@ -186,9 +186,7 @@ class Speculation:
         if req.sampling.max_tokens is not None:  # no point drafting past max_tokens
             left = min(left, req.sampling.max_tokens - req.num_output_tokens - 1)
         if self.tree is not None:  # the whole tree or nothing; emits at most depth + 1 tokens
-            from batching.admission import max_len
-
-            slots = max_len(req, max_model_len) - req.num_tokens  # the tree's KV slots fit
+            slots = req.max_len(max_model_len) - req.num_tokens  # the tree's KV slots fit
             return k if min(left, budget) >= self.tree.depth and min(slots, budget) >= k else 0
         k = max(0, min(k, left, budget))
         if k and self.functional and self.config.method == "ngram":

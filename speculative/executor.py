@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from batching.admission import max_len
 from batching.base import StepPlan, StepResult
 from cache.base import KVCacheManager
 from cache.kv_store import ContiguousKVStore
@@ -139,7 +138,7 @@ class SpeculativeExecutor(NumpyExecutor):
             if self.kv is not None:
                 store.prepare(req.request_id, self.kv.block_table(req.request_id), start)
         elif not store.has(req.request_id):
-            store.allocate(req.request_id, max_len(req, self.max_model_len))
+            store.allocate(req.request_id, req.max_len(self.max_model_len))
 
     def release(self, request: Request) -> None:
         super().release(request)
