@@ -265,18 +265,23 @@ class Engine:
             event = loop.pop()
             now_s = event.time_s
             if event.priority == STEP_DONE:
-                plan, result = event.payload
-                if self.speculation is not None:
-                    self.speculation.observe(plan, result)
-                # n > 1: the other samples fork the prompt KV (per-GPU stores cannot share it)
-                for req, reason in start_forks(plan, scheduler, kv, share=not (
-                        self.sharded and self.args.mode == "functional")):
-                    reject(req, reason)
-                    ended(req)
-                for req in scheduler.update(plan, result, now_s):
-                    ended(req)
+                if event.payload is not None:  # None: the last coasted step completes
+                    plan, result = event.payload
+                    if self.speculation is not None:
+                        self.speculation.observe(plan, result)
+                    # n > 1: the other samples fork the prompt KV (per-GPU stores cannot share)
+                    for req, reason in start_forks(plan, scheduler, kv, share=not (
+                            self.sharded and self.args.mode == "functional")):
+                        reject(req, reason)
+                        ended(req)
+                    for req in scheduler.update(plan, result, now_s):
+                        ended(req)
                 if coast:
-                    now_s = busy_until_s = self._coast(scheduler, loop, stats, steps)
+                    end_s = self._coast(scheduler, now_s, loop.peek_time_s(), stats, steps)
+                    if end_s > now_s:  # busy until the last coasted step completes
+                        busy_until_s = end_s
+                        loop.schedule(end_s, STEP_DONE, None)
+                        continue
                 busy = False
                 dispatch_soon(now_s)
             elif event.priority == ARRIVAL:
@@ -352,15 +357,14 @@ class Engine:
         stats.num_tokens_priced += shape.total_new_tokens
         return step_s
 
-    def _coast(self, scheduler: Any, loop: EventLoop, stats: StepStats,
+    def _coast(self, scheduler: Any, now_s: float, next_event_s: float, stats: StepStats,
                steps: StepSeries | None) -> float:
-        """Run the plain-decode steps the scheduler certifies, each priced and committed at its
-        own end time exactly as the event loop would, stopping before the next arrival."""
-        now_s = loop.now_s
+        """Price and commit the plain-decode steps the scheduler certifies, each at its own end
+        time exactly as step-by-step dispatch would, starting none at or after the next event;
+        the end time of the last one (`now_s` when none ran)."""
         horizon = scheduler.coast_horizon()
         if horizon == 0:
             return now_s
-        next_event_s = loop.peek_time_s()
         running = scheduler.running
         num_seqs = len(running)
         ones = (1,) * num_seqs
@@ -382,5 +386,4 @@ class Engine:
         stats.num_steps += len(end_times_s)
         stats.num_tokens_computed += num_seqs * len(end_times_s)
         stats.num_tokens_priced += num_seqs * len(end_times_s)
-        loop.now_s = now_s
         return now_s

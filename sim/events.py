@@ -44,6 +44,8 @@ class EventLoop:
 
     def pop(self) -> Event:
         event = heapq.heappop(self._heap)
+        if event.time_s < self.now_s:  # only possible if someone moved the clock by hand
+            raise RuntimeError(f"event at {event.time_s} s popped after {self.now_s} s")
         self.now_s = event.time_s
         return event
 
