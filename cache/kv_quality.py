@@ -41,11 +41,19 @@ def kv_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
 
 
 def eviction_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
-                    eviction: KVEviction, chunk_size: int | None = None) -> np.ndarray:
+                    eviction: KVEviction, chunk_size: int | None = None,
+                    block_size: int | None = 16) -> np.ndarray:
     """Logits `[n, n_vocab]` at every position when attention reads only what `eviction`
-    keeps (`cache.kv_eviction`; each query sees what decoding it would, whatever the chunking)."""
+    keeps (`cache.kv_eviction`; each query sees what decoding it would, whatever the chunking),
+    with the K/V in a paged store of `block_size` as the engine keeps them (H2O in compacted
+    slots), or, with `block_size=None`, masked over a contiguous store (the reference)."""
     evicting: Any = EvictingModel(model, eviction)  # NumpyModel's forward_step interface
-    return teacher_forced_logits(evicting, token_ids, None, chunk_size)
+    if block_size is None:
+        return teacher_forced_logits(evicting, token_ids, None, chunk_size)
+    c = model.config
+    store = PagedKVStore(c.n_layer, c.n_kv_head, c.d_head, block_size, model.dtype)
+    store.prepare("eval", range(-(-len(token_ids) // block_size)), 0)  # slots never exceed n
+    return teacher_forced_logits(evicting, token_ids, store, chunk_size, seq_id="eval")
 
 
 def eviction_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,

@@ -59,11 +59,12 @@ class PagedKVCache:
         self.enable_prefix_caching = enable_prefix_caching
         self.preemption_mode = preemption_mode
         self.num_swap_blocks = num_swap_blocks
-        # KV eviction (cache.kv_eviction): a request's blocks stop growing at the kept budget
+        # KV eviction (cache.kv_eviction): a request's blocks stop growing at the kept budget.
+        # Sliding window / StreamingLLM: blocks no later query reads go back to the pool (their
+        # table entries become -1). H2O: the kept KV is compacted into the table's first slots
+        # after each step, and the tail blocks past a step's need go back to the pool.
         self.eviction = eviction
-        # sliding window / StreamingLLM: blocks no later query reads go back to the pool (their
-        # table entries become -1); H2O only caps the accounting (cache.kv_eviction)
-        self._frees = eviction is not None and eviction.frees_blocks
+        self._frees = eviction is not None
         self._evicted_upto: dict[str, int] = {}  # request_id -> table entries checked so far
         self.num_evicted_blocks = 0  # blocks released by KV eviction (metric)
         self._host_free = list(range(num_swap_blocks))  # a heap
@@ -74,7 +75,10 @@ class PagedKVCache:
         self._num_registered: dict[str, int] = {}  # table entries already offered to the cache
         self._swapped: dict[str, list[int]] = {}  # request_id -> host blocks
         self._ops: list[tuple[str, int, int]] = []
+        #: queue block copies for a contents store (False in timing-only runs: none reads them)
+        self.record_block_ops = True
         self._pending_swap = [0, 0]  # blocks out, in since the last take_swapped_blocks()
+        self._pending_copies = 0  # copy-on-write block copies since the last take_copied_blocks()
         self._forked = False  # a fork may share a partly filled block
         # cumulative counters (metrics)
         self.num_swapped_out_blocks = 0
@@ -112,7 +116,7 @@ class PagedKVCache:
         may first share `num_cached_tokens` (from `cached_prefix`) from the prefix cache."""
         rid = request.request_id
         pool = self.pool
-        need = self._blocks_for(num_tokens)
+        need = self._blocks_for(num_tokens, request.num_computed)
         table = self._tables.get(rid)
         if table is None:
             if rid in self._swapped:
@@ -131,7 +135,7 @@ class PagedKVCache:
                 self.num_hit_tokens += num_cached_tokens
         else:
             if self._frees:
-                self._release_evicted(rid, table, request.num_computed)
+                self._release_evicted(rid, table, request.num_computed, need)
             # copy-on-write: a block shared with a fork is copied before this step writes it
             old = self._num_tokens.get(rid, 0)
             cow = ([i for i in range(old // self.block_size, min(len(table), need))
@@ -140,7 +144,9 @@ class PagedKVCache:
                 return False
             for i in cow:
                 (fresh,) = pool.take_new(1)
-                self._ops.append(("copy", table[i], fresh))
+                if self.record_block_ops:
+                    self._ops.append(("copy", table[i], fresh))
+                self._pending_copies += 1
                 pool.release([table[i]])
                 table[i] = fresh
             if need > len(table):
@@ -170,7 +176,8 @@ class PagedKVCache:
         if (self.preemption_mode == "swap" and table is not None
                 and len(table) <= len(self._host_free)):
             host = [heapq.heappop(self._host_free) for _ in table]
-            self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True))
+            if self.record_block_ops:
+                self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True))
             self._pending_swap[0] += len(table)
             self.num_swapped_out_blocks += len(table)
             self.free(request)
@@ -230,8 +237,9 @@ class PagedKVCache:
     def capacity(self, request: Request) -> int:
         """Tokens the request can hold without a new block."""
         held = len(self._tables.get(request.request_id, ()))
-        if self.eviction is not None and held and held >= self._blocks_for(2**62):
-            return 2**62  # at the eviction cap: old positions make room for new ones
+        if self.eviction is not None and self.eviction.compacts and (
+                held * self.block_size > self.eviction.budget):
+            return 2**62  # H2O: the kept slots plus a decoded token's always fit
         return held * self.block_size
 
     def num_free_tokens(self) -> int:
@@ -278,6 +286,11 @@ class PagedKVCache:
         self._pending_swap = [0, 0]
         return out, into
 
+    def take_copied_blocks(self) -> int:
+        """Copy-on-write block copies since the last call (for pricing)."""
+        copies, self._pending_copies = self._pending_copies, 0
+        return copies
+
     @property
     def hit_rate(self) -> float:
         """Prompt tokens served from the prefix cache / prompt tokens looked up."""
@@ -295,24 +308,36 @@ class PagedKVCache:
         for rid, table in self._tables.items():
             held = sum(1 for b in table if b >= 0)
             assert held * self.block_size >= self._kept(self._num_tokens[rid])
+            if self.eviction is not None and self.eviction.compacts:  # H2O: no holes
+                assert held == len(table), "an H2O block table has a released entry"
         assert len(self._host_free) + sum(map(len, self._swapped.values())) == self.num_swap_blocks
 
     # ------------------------------------------------------------------ internals
-    def _blocks_for(self, num_tokens: int) -> int:
-        """Blocks a request of `num_tokens` tokens holds (capped under KV eviction)."""
-        if self.eviction is None or self._frees:
+    def _blocks_for(self, num_tokens: int, start: int = 0) -> int:
+        """Block-table entries a request of `num_tokens` tokens needs for a step from `start`
+        (H2O: its kept slots plus the step's new ones, `KVEviction.step_blocks`)."""
+        if self.eviction is None:
             return -(-num_tokens // self.block_size)
-        return self.eviction.held_blocks(num_tokens, self.block_size)
+        return self.eviction.step_blocks(start, num_tokens, self.block_size)
 
     def _kept(self, num_tokens: int) -> int:
-        """Tokens whose KV a request of `num_tokens` tokens keeps."""
+        """Tokens whose KV a request of `num_tokens` tokens keeps (once its step is done)."""
         return num_tokens if self.eviction is None else min(num_tokens, self.eviction.budget)
 
-    def _release_evicted(self, rid: str, table: list[int], num_computed: int) -> None:
+    def _release_evicted(self, rid: str, table: list[int], num_computed: int,
+                         need: int) -> None:
         """Release the blocks that lie past the sinks and wholly before the oldest position a
-        query from `num_computed` on can read (sliding window / StreamingLLM)."""
+        query from `num_computed` on can read (sliding window / StreamingLLM); under H2O, the
+        tail blocks past the `need` of the step from `num_computed` (its kept slots, compacted
+        to the front, plus the new tokens' slots)."""
         assert self.eviction is not None
         bs = self.block_size
+        if self.eviction.compacts:
+            dead = table[need:][::-1]
+            del table[need:]
+            self.pool.release(dead)
+            self.num_evicted_blocks += len(dead)
+            return
         first_kept = num_computed - self.eviction.window + 1  # oldest key a later query reads
         lo = max(-(-self.eviction.num_sinks // bs), self._evicted_upto.get(rid, 0))
         hi = min(max(first_kept, 0) // bs, len(table))  # block b is dead iff (b+1)*bs <= first
@@ -371,7 +396,8 @@ class PagedKVCache:
         if need > self.pool.num_free_blocks():
             return False
         table = self.pool.take_new(need)
-        self._ops.extend(("in", h, g) for h, g in zip(host, table, strict=False))
+        if self.record_block_ops:
+            self._ops.extend(("in", h, g) for h, g in zip(host, table, strict=False))
         self._pending_swap[1] += len(host)
         self.num_swapped_in_blocks += len(host)
         for h in host:

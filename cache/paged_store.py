@@ -13,6 +13,10 @@ how many positions the manager says already hold KV (after a prefix-cache hit, a
 recompute preemption). `apply_ops` performs the manager's queued block copies (swap to/from a
 host dict) before the step's writes. The pool grows on demand up to the highest block id used.
 
+KV eviction reads through the same tables: `read_positions` gathers only the kept positions
+(sliding window, StreamingLLM; released blocks are -1), and H2O, whose kept set lives in the
+table's first slots, `compact`s each layer after a step (copies inside the pool).
+
 With a `codec` (`cache.kv_quant`, `kv_cache_dtype` fp8 / int8) the pool holds 8-bit codes and a
 second pool `[n_layer, 2, num_blocks, block_size, n_kv_head]` their float32 scales: writes
 encode, reads and gathers decode into the model's dtype.
@@ -177,6 +181,33 @@ class PagedKVStore:
             k = self.codec.decode(k, self.scales[layer, 0, blocks, offsets], self.dtype)
             v = self.codec.decode(v, self.scales[layer, 1, blocks, offsets], self.dtype)
         return k, v
+
+    def compact(self, seq_id: Hashable, layer: int, slots: np.ndarray) -> None:
+        """Move the K/V in `slots` (ascending, written) of one layer to slots `0..len-1`, in
+        order, copying inside the pool; later slots hold nothing live any more (H2O keeps its
+        kept set in the table's first slots, `cache.h2o`)."""
+        table = self._table(seq_id)
+        src = np.asarray(slots, dtype=np.int64)  # [n_keep]
+        n_keep = src.shape[0]
+        written = self._num_written[seq_id]
+        if n_keep and (int(src[-1]) >= written[layer] or (np.diff(src) <= 0).any()
+                       or int(src[0]) < 0):
+            raise InfersimError(f"KV store: compacting sequence {seq_id!r} layer {layer} needs "
+                                f"ascending written slots (0..{int(written[layer]) - 1})")
+        moved = np.flatnonzero(src != np.arange(n_keep))  # [n_moved]: from the first hole on
+        if moved.shape[0]:
+            dst = np.arange(int(moved[0]), n_keep)  # [n_move]
+            src = src[int(moved[0]):]  # [n_move]
+            bs = self.block_size
+            from_slot = table[src // bs] * bs + src % bs  # [n_move] flat pool slots
+            to_slot = table[dst // bs] * bs + dst % bs  # [n_move]
+            for i in range(2):  # a gather copies first, so overlapping moves are safe
+                flat = self.pool[layer, i].reshape(-1, self.n_kv_head, self.d_head)  # view
+                flat[to_slot] = flat[from_slot]
+                if self.codec is not None:
+                    scales = self.scales[layer, i].reshape(-1, self.n_kv_head)  # view
+                    scales[to_slot] = scales[from_slot]
+        written[layer] = n_keep
 
     def gather_padded(self, seq_ids: Sequence[Hashable], layer: int, firsts: Sequence[int],
                       sizes: Sequence[int], out: np.ndarray) -> None:

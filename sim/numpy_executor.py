@@ -32,10 +32,9 @@ class NumpyExecutor:
         cfg = model.config
         codec = kv_codec(kv_cache_dtype)  # quantized KV contents (cache.kv_quant)
         self.model: NumpyModel | EvictingModel = model
+        self.eviction = kv_eviction
         if kv_eviction is not None:  # attention reads only the kept positions
             self.model = EvictingModel(model, kv_eviction)
-            if not kv_eviction.frees_blocks:  # H2O: masked over a contiguous store
-                kv = None
         self.retains_kv = retains_kv
         self.max_model_len = max_model_len
         # paged KV: contents in blocks, addressed through the manager's block tables
@@ -64,8 +63,9 @@ class NumpyExecutor:
         for s in plan.seqs:
             req = s.request
             if isinstance(store, PagedKVStore):
-                if kv is not None:
-                    store.prepare(req.request_id, kv.block_table(req.request_id), s.start)
+                if kv is not None:  # H2O's kept KV fills the first slots (cache.h2o)
+                    filled = s.start if self.eviction is None else self.eviction.num_slots(s.start)
+                    store.prepare(req.request_id, kv.block_table(req.request_id), filled)
             elif not store.has(req.request_id):
                 store.allocate(req.request_id, req.max_len(self.max_model_len))
             ids = np.asarray(req.token_ids_slice(s.start, s.end), dtype=np.int64)  # [n_new]

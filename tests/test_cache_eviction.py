@@ -13,14 +13,15 @@ import pytest
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quality import eviction_logits, eviction_quality
 from cache.paged import PagedKVCache
+from cache.paged_store import PagedKVStore
 from sim import LLM, SamplingParams
 from sim.cli import build_parser, engine_args_from
 from sim.engine import Engine
 from sim.engine_args import EngineArgs
 from sim.errors import ConfigError, InfersimError
-from sim.numpy_model import NumpyModel
+from sim.numpy_model import NumpyModel, SeqChunk
 from sim.proxy import load_functional_model
-from sim.quality import eval_token_ids, reference_logits
+from sim.quality import eval_token_ids, reference_logits, teacher_forced_logits
 from sim.request import Request
 from sim.sampling import SamplingParams as SP
 from sim.workload import make_workload
@@ -126,26 +127,74 @@ def test_quality_cost_is_measured_and_shrinks_with_the_budget(proxy):
         assert report.mean_kl > 0 and report.top1_agreement <= 1
 
 
-def test_held_blocks_stop_growing_at_the_budget():
-    """H2O only caps its accounting (its kept set is not block-aligned)."""
-    ev = KVEviction("h2o", 20, heavy=4)  # budget 24 tokens: 2 blocks of 16, + 1
+def test_h2o_blocks_are_bounded_and_go_back_to_the_pool():
+    """H2O's kept set sits compacted in the table's first slots: a step holds those slots plus
+    its new tokens' (written before its evictions), and the tail blocks past them go back."""
+    ev = KVEviction("h2o", 20, heavy=4)  # budget 24 tokens; a decode step needs 25 slots
     kv = PagedKVCache(16, 16, eviction=ev)
     req = _req("a")
     assert kv.never_fits(req, 10_000) is None  # any length fits: the KV stops growing
-    for n in (10, 24, 40, 100, 400):
+    assert ev.max_held_blocks(10, 10_000, 16) == 2 and ev.max_held_blocks(100, 10_000, 16) == 7
+    steps = [(0, 48), (48, 96), (96, 100)] + [(n - 1, n) for n in range(101, 400)]
+    for start, n in steps:  # a 100-token prompt in chunks, then decode
+        req.num_computed = start
         assert kv.allocate(req, n)
         kv.check()
-        assert len(kv.block_table("a")) == min(-(-n // 16), 3)
+        assert len(kv.block_table("a")) == -(-(min(start, 24) + n - start) // 16) <= 5
         assert kv.num_used_tokens() == min(n, 24) <= kv.num_reserved_tokens()
+    assert kv.num_evicted_blocks == 3  # the second chunk's 5 blocks (24 kept + 48) shrank to 2
+    assert kv.pool.num_free_blocks() == 14 and kv.capacity(req) == 2**62
     assert kv.coast_growth([req], 10) == []  # priced step by step
     other = _req("b")
     kv.allocate(other, 10)
+    assert kv.capacity(other) == 16  # below the budget: one block of room
     with pytest.raises(InfersimError, match="eviction"):
         kv.fork(req, _req("c"))
     kv.free(req)
     kv.free(other)
     kv.check()
     assert kv.num_used_tokens() == 0 and kv.pool.num_free_blocks() == 16
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_h2o_in_slots_equals_masked_h2o(proxy, block_size):
+    """Teacher-forced logits and kept sets of H2O over compacted paged slots equal the masked
+    reference over all positions, whatever the chunking (prompt longer than the budget)."""
+    model, tokenizer = proxy
+    ids = np.asarray(eval_token_ids(tokenizer, 45))
+    ev = KVEviction("h2o", 5, heavy=7)
+    ref = eviction_logits(model, ids, ev, block_size=None)
+    for chunk in (None, 1, 13):
+        got = eviction_logits(model, ids, ev, chunk, block_size=block_size)
+        np.testing.assert_allclose(got, ref, atol=1e-10)
+        assert (got.argmax(axis=1) == ref.argmax(axis=1)).all()
+    c = model.config
+    slots, masked = EvictingModel(model, ev), EvictingModel(model, ev)
+    paged = PagedKVStore(c.n_layer, c.n_kv_head, c.d_head, block_size, model.dtype)
+    paged.prepare("s", range(-(-len(ids) // block_size)), 0)
+    teacher_forced_logits(slots, ids, paged, 10, seq_id="s")
+    teacher_forced_logits(masked, ids, None, None, seq_id="s")
+    for layer in range(c.n_layer):  # the same positions kept, in slots 0..budget-1
+        np.testing.assert_array_equal(slots._h2o["s"].pos[layer],
+                                      np.flatnonzero(masked._h2o["s"].kept[layer]))
+        assert paged._num_written["s"][layer] == ev.budget
+    with pytest.raises(ConfigError, match="resumes at 50"):  # a gap in the sequence
+        slots.forward_step([SeqChunk("s", ids[:3], 50, 1)], paged)
+    slots.forward_step([SeqChunk("s", ids[:3], 0, 1)], paged)  # a recompute starts afresh
+    assert slots._h2o["s"].num_tokens == 3 and len(slots._h2o["s"].pos[0]) == 3
+
+
+def test_compact_moves_slots_through_the_block_table():
+    store = PagedKVStore(1, 1, 2, 2, "float64")
+    store.prepare("s", [5, 2, 7], 0)
+    kv = np.arange(12, dtype=np.float64).reshape(6, 1, 2)  # [6, n_kv, d_head]
+    store.write("s", 0, 0, kv, -kv)
+    store.compact("s", 0, np.array([0, 2, 3, 5]))
+    k, v = store.read("s", 0, 4)
+    np.testing.assert_array_equal(k, kv[[0, 2, 3, 5]])
+    np.testing.assert_array_equal(v, -kv[[0, 2, 3, 5]])
+    with pytest.raises(InfersimError, match="ascending written"):
+        store.compact("s", 0, np.array([1, 0]))
 
 
 @pytest.mark.parametrize("policy", ["sliding_window", "streaming_llm"])
@@ -175,18 +224,43 @@ def test_dead_blocks_go_back_to_the_pool(policy):
     assert kv.pool.num_free_blocks() == 16 and kv.num_used_tokens() == 0
 
 
-@pytest.mark.parametrize("policy,extra", POLICIES[:2])
-def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra):
-    """Over the paged store, generation equals masked attention over all positions (the
-    contiguous path, `EvictingModel.forward` on the whole sequence), and no block leaks."""
+PREEMPTED = dict(enable_chunked_prefill=True, max_num_batched_tokens=16,
+                 num_gpu_blocks_override=24)  # 96 tokens for 10 requests
+MANY_PROMPTS = PROMPTS + [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()}
+                          for n in (12, 33, 17, 26, 5, 38, 14)]
+
+
+@pytest.mark.parametrize("setting", [{}, PREEMPTED], ids=["plain", "chunked-preempted"])
+@pytest.mark.parametrize("policy,extra", POLICIES)
+def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, setting):
+    """Over the paged store (H2O: in compacted slots), generation equals masked attention over
+    all positions (the contiguous path, `EvictingModel.forward` on the whole sequence), with
+    prompts longer than the budget, chunked prefill and preemption by recompute; each request
+    holds at most `max_held_blocks`, released blocks are reused, and none leaks."""
     ev = KVEviction(policy, 6, **{k.removeprefix("kv_eviction_"): v for k, v in extra.items()})
     llm = LLM(dtype="float64", max_model_len=96, kv_eviction=policy, kv_eviction_window=6,
-              block_size=4, **extra)
+              block_size=4, **extra, **setting)
     managers = []
     make = llm.engine._kv_manager
-    llm.engine._kv_manager = lambda: managers.append(make()) or managers[-1]
-    prompts = PROMPTS[:2]
+
+    def checked_manager():
+        kv = make()
+        allocate = kv.allocate
+
+        def checked(req, num_tokens, hit=0):
+            ok = allocate(req, num_tokens, hit)
+            held = [b for b in kv.block_table(req.request_id) if b >= 0]
+            assert len(held) <= ev.max_held_blocks(req.num_prompt_tokens, 96, 4)
+            return ok
+
+        kv.allocate = checked
+        managers.append(kv)
+        return kv
+
+    llm.engine._kv_manager = checked_manager
+    prompts = MANY_PROMPTS if setting else PROMPTS[:2]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    assert (llm.last_result.stats.num_preemptions > 0) == bool(setting)
     masked = EvictingModel(llm.engine.functional_model, ev)
     for p, o in zip(prompts, outs, strict=True):
         seq = list(p["prompt_token_ids"])
@@ -211,6 +285,9 @@ def test_more_requests_fit_and_decode_reads_fewer_bytes():
     assert peak_evicted > peak_full
     assert evicted.summary.num_completed == full.summary.num_completed == 24
     assert evicted.summary.duration_s < full.summary.duration_s
+    _, h2o, peak_h2o = run(kv_eviction="h2o", kv_eviction_window=128, kv_eviction_heavy=128)
+    assert peak_h2o > peak_full and h2o.summary.num_completed == 24
+    assert h2o.steps.columns()["kv_used_tokens"].max() <= peak_h2o * 256
     cols = evicted.steps.columns()
     assert cols["kv_used_tokens"].max() <= peak_evicted * 256
     cost = engine.cost_model

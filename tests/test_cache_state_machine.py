@@ -6,6 +6,12 @@ manager's own decisions: every prefix hit must hand out blocks that really hold 
 tokens, no write may land in a block another table still shares, and at every step reference
 counts equal the table references exactly (no leak, no double free) and a cached prefix is
 block-aligned and shorter than the request.
+
+A second machine runs KV eviction (sliding window, StreamingLLM, H2O) over the manager: chunked
+prompts, decode, preemption by recompute, free, with a shadow of the slots each request still
+reads (H2O: its kept set, compacted to the table's first slots after each step, as `cache.h2o`
+does). A released block must never hold a slot its request still reads (a later owner's writes
+would show), an unpreempted request holds at most `max_held_blocks`, and nothing leaks.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
     consumes,
+    initialize,
     invariant,
     multiple,
     rule,
 )
 
+from cache.kv_eviction import KV_EVICTION_POLICIES, KVEviction
 from cache.paged import PagedKVCache
 from sim.request import Request, SamplingParams
 
@@ -134,3 +142,99 @@ class PagedMachine(RuleBasedStateMachine):
 PagedMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestPagedKVCache = PagedMachine.TestCase
+
+
+class EvictionMachine(RuleBasedStateMachine):
+    reqs = Bundle("reqs")
+
+    @initialize(policy=st.sampled_from(KV_EVICTION_POLICIES), window=st.integers(1, 9),
+                extra=st.integers(1, 6))
+    def setup(self, policy, window, extra):
+        self.ev = KVEviction(policy, window, sinks=extra, heavy=extra)
+        self.kv = PagedKVCache(3 * NUM_BLOCKS, BLOCK, eviction=self.ev)
+        self.content = np.full((3 * NUM_BLOCKS, BLOCK), -1, dtype=np.int64)  # [n_blocks, bs]
+        self.state: dict[str, dict] = {}  # rid -> index, total tokens, kept positions, preempted
+        self.counter = 0
+
+    def _slot_of(self, rid: str, slot: int) -> tuple[int, int]:
+        block = self.kv.block_table(rid)[slot // BLOCK]
+        assert block >= 0 and self.kv.pool.ref_count[block] == 1
+        return block, slot % BLOCK
+
+    @rule(target=reqs, prompt=st.integers(1, 30))
+    def new(self, prompt):
+        self.counter += 1
+        req = Request(request_id=f"r{self.counter}", index=self.counter,
+                      num_prompt_tokens=prompt, sampling=SamplingParams(max_tokens=None),
+                      arrival_s=0.0)
+        self.state[req.request_id] = {"index": req.index, "total": prompt, "kept": [],
+                                      "preempted": False}
+        return req
+
+    @rule(req=reqs, chunk=st.integers(1, 12), rnd=st.randoms(use_true_random=False))
+    def step(self, req, chunk, rnd):
+        """A prompt (or recompute) chunk, else one decode token; then the evictions."""
+        rid, info = req.request_id, self.state.get(req.request_id)
+        if info is None:
+            return
+        start = req.num_computed
+        end = min(start + chunk, info["total"]) if start < info["total"] else start + 1
+        if not self.kv.allocate(req, end):
+            return
+        if not info["preempted"]:
+            held = [b for b in self.kv.block_table(rid) if b >= 0]
+            assert len(held) <= self.ev.max_held_blocks(req.num_prompt_tokens, 10_000, BLOCK)
+        positions = info["kept"] + list(range(start, end))  # H2O: slot i holds positions[i]
+        first = len(info["kept"]) if self.ev.compacts else start  # slot of the first new token
+        for i, pos in enumerate(range(start, end)):
+            self.content[self._slot_of(rid, first + i)] = key(pos, info["index"])
+        if self.ev.compacts:  # the recent window stays, a random older subset fills the rest
+            recent = [i for i, p in enumerate(positions) if p >= end - self.ev.window]
+            old = [i for i, p in enumerate(positions) if p < end - self.ev.window]
+            keep = sorted(rnd.sample(old, min(end, self.ev.budget) - len(recent))) + recent
+            values = [self.content[self._slot_of(rid, i)] for i in keep]
+            for slot, value in enumerate(values):  # compacted to the front, in order
+                self.content[self._slot_of(rid, slot)] = value
+            info["kept"] = [positions[i] for i in keep]
+        else:  # what a query from `end` on reads
+            info["kept"] = self.ev.kept_positions(end, end).tolist()
+        req.num_computed = end
+        info["total"] = max(info["total"], end)
+
+    @rule(req=reqs)
+    def preempt(self, req):
+        if req.request_id in self.state:
+            assert self.kv.preempt(req) is False
+            req.num_computed = 0
+            self.state[req.request_id].update(kept=[], preempted=True)
+
+    @rule(req=consumes(reqs))
+    def free(self, req):
+        self.kv.free(req)
+        self.state.pop(req.request_id, None)
+
+    @invariant()
+    def live_slots_survive(self):
+        if not hasattr(self, "kv"):
+            return
+        self.kv.check()
+        assert self.kv.num_reserved_tokens() + self.kv.num_free_tokens() == self.kv.num_kv_tokens
+        for rid, info in self.state.items():  # every slot a request reads still holds it
+            for i, pos in enumerate(info["kept"]):
+                slot = i if self.ev.compacts else pos
+                assert self.content[self._slot_of(rid, slot)] == key(pos, info["index"])
+
+    def teardown(self):
+        if not hasattr(self, "kv"):
+            return
+        for rid in list(self.kv._tables):
+            self.kv.free(Request(request_id=rid, index=0, num_prompt_tokens=1,
+                                 sampling=SamplingParams(), arrival_s=0.0))
+        self.kv.check()
+        assert self.kv.pool.num_free_blocks() == self.kv.pool.num_blocks  # no leak
+
+
+EvictionMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
+                                             deadline=None,
+                                             suppress_health_check=[HealthCheck.too_slow])
+TestKVEvictionManager = EvictionMachine.TestCase
