@@ -68,13 +68,25 @@ class ContinuousScheduler:
         self.coast_reserved_tokens: list[int] = []
         #: speculative decoding (set by the engine): `num_spec_tokens(req, budget, max_len)`
         self.speculation: Any = None
+        self._beams = False  # a beam-search request was added (its leader reserves seats)
 
     def add(self, request: Request) -> str | None:
         reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens,
                             chunked=self.chunked)
         if reason is None:
             self.waiting.add(request)
+            self._beams |= request.beam is not None
         return reason
+
+    def _seats(self, req: Request) -> int:
+        """Seats (of `max_num_seqs`) `req` takes: a beam search whose beams have not forked yet
+        reserves one per beam (vLLM v0 counts a sequence group's most running sequences)."""
+        return req.sampling.n if req.beam is not None and not req.beam.num_rounds else 1
+
+    def _seats_taken(self) -> int:
+        if not self._beams:
+            return len(self.running)
+        return sum(self._seats(r) for r in self.running)
 
     def _chunk(self, req: Request, start: int, budget: int) -> int:
         """Tokens of `req` to compute this step from `start`: all of them, or with chunked
@@ -95,7 +107,9 @@ class ContinuousScheduler:
         while i < len(self.running):
             req = self.running[i]
             n = self._chunk(req, req.num_computed, budget)
-            if n > budget or n == 0:
+            if n > budget or n == 0 or (self._beams and req.beam is not None
+                                        and req.request_id in req.beam.proposals):
+                # (a beam that already proposed this round waits for its siblings)
                 i += 1
                 continue
             # speculative drafts after a decode token, leaving one token for each later request
@@ -116,13 +130,17 @@ class ContinuousScheduler:
         partial = sum(1 for r in self.running if r.num_computed < r.num_prompt_tokens)
         while not preempted and self.waiting:
             req = self.waiting.peek()
-            if len(self.running) >= self.max_num_seqs:
+            short = self._seats_taken() + self._seats(req) - self.max_num_seqs
+            while short > 0:
                 # all seats taken; under the priority policy a better request takes one
                 better = self._preempt_worse(req) if self.policy == "priority" else None
                 if better is None:
                     break
                 budget += self._unschedule(seqs, better)
                 preempted = True
+                short = self._seats_taken() + self._seats(req) - self.max_num_seqs
+            if short > 0:
+                break
             hit = kv.cached_prefix(req) if req.num_computed == 0 else 0
             start = max(req.num_computed, hit)
             n = self._chunk(req, start, budget)
@@ -263,13 +281,35 @@ class ContinuousScheduler:
                 self.kv.allocate(req, req.num_tokens - 1)
 
     def _preempt(self, victim: Request) -> None:
-        """Take the victim's KV (swapped out, or freed for recompute) and requeue it first."""
-        if not self.kv.preempt(victim):
+        """Take the victim's KV (swapped out, or freed for recompute) and requeue it first. A
+        beam of a beam search frees its KV and its whole search restarts once the step is done
+        (`cache.beam_search`): beams only move in lockstep."""
+        if victim.beam is not None:
+            self.kv.free(victim)
+            victim.beam.restart_pending = True
+            victim.num_computed = 0
+        elif not self.kv.preempt(victim):
             victim.num_computed = 0
         victim.status = Status.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.requeue(victim)
+
+    def join(self, request: Request, parent: Request) -> None:
+        """A beam forked from `parent` runs from the next step on, beside it (so victims are
+        still chosen by when the search was admitted)."""
+        request.status = Status.RUNNING
+        at = self.running.index(parent) + 1 if parent in self.running else len(self.running)
+        self.running.insert(at, request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and free its KV (a beam search drops a beam)."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self._head_blocked = False
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -47,6 +47,10 @@ class WaitingQueue:
         else:
             self.add(req)
 
+    def remove(self, req: Request) -> None:
+        """Take `req` out of the queue (a beam search dropping a beam)."""
+        self._items = [item for item in self._items if item[1] is not req]
+
     def peek(self) -> Request:
         return self._items[0][1]
 

@@ -1,16 +1,21 @@
-"""Beam search over the engine, as vLLM's `LLM.beam_search` does it.
+"""Beam search: vLLM's `LLM.beam_search` and `BeamSearchParams`, and the one rule that both the
+engine (`cache.beam_search`) and the cacheless reference (`sim.reference.beam_search`) follow.
 
-Each step runs every live beam for one token through the engine (`LLM.generate`, greedy, with
-the `2 * beam_width` most likely next tokens reported as logprobs from the raw distribution), then
-keeps the `beam_width` extensions with the highest cumulative log-probability per prompt. A beam
-that emits EOS (unless `ignore_eos`) is complete. The final ranking divides each cumulative
-log-probability by `length ** length_penalty` (vLLM's `get_beam_search_score`).
+Each *round*, every live beam of a prompt proposes its `2 * beam_width` likeliest next tokens
+(log-probabilities of the model's raw distribution). A proposal ending in EOS (unless
+`ignore_eos`) becomes a finished beam; of the others, the `beam_width` with the highest
+cumulative log-probability live on (ties broken by token ids, so nothing depends on dict
+order). After `max_tokens` rounds, or at `max_model_len`, the finished and live beams are ranked
+by `cum_logprob / length ** length_penalty` (the length counts the prompt but not a final EOS:
+vLLM's `get_beam_search_score`) and the best `beam_width` are returned.
 
-Functional only: each step is its own engine run, so the simulated clock and the KV sharing
-between beams (copy-on-write forks in a real engine) are not modelled here.
+`LLM.beam_search` runs every prompt as one engine request with
+`SamplingParams(n=beam_width, use_beam_search=True)`: the beams share KV blocks with
+copy-on-write, and the whole search is priced on the simulated clock.
 
 References: Graves 2012 / Sutskever et al. 2014 (beam search for sequence models); vLLM
-`vllm/entrypoints/llm.py` `LLM.beam_search` and `vllm/beam_search.py` (BeamSearchParams, score).
+`vllm/entrypoints/llm.py` (`LLM.beam_search`, `2 * beam_width` logprobs per beam) and
+`vllm/beam_search.py` (`BeamSearchParams`, `get_beam_search_score`).
 """
 
 from __future__ import annotations
@@ -37,15 +42,22 @@ class BeamSearchParams:
             raise ConfigError(f"beam_width and max_tokens must be >= 1, got {self.beam_width}, "
                               f"{self.max_tokens}")
 
+    def sampling_params(self) -> SamplingParams:
+        """The engine request that runs this search for one prompt."""
+        return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0.0,
+                              max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              length_penalty=self.length_penalty)
+
 
 @dataclass(slots=True)
 class BeamSequence:
-    """One beam: prompt + generated ids, its cumulative log-probability, and whether it ended."""
+    """One beam: prompt + generated ids, its cumulative log-probability, and how it ended
+    (`"stop"`: it emitted EOS; `"length"`: max_tokens or max_model_len; None: still live)."""
 
     tokens: list[int]
     cum_logprob: float = 0.0
     num_prompt_tokens: int = 0
-    finished: bool = False
+    finish_reason: str | None = None
     text: str | None = None
 
     @property
@@ -53,8 +65,10 @@ class BeamSequence:
         return self.tokens[self.num_prompt_tokens:]
 
     def score(self, length_penalty: float) -> float:
-        """Cumulative log-probability over length ** length_penalty (vLLM's ranking)."""
-        return self.cum_logprob / max(len(self.tokens), 1) ** length_penalty
+        """Cumulative log-probability over length ** length_penalty (vLLM's ranking); a final
+        EOS does not count towards the length."""
+        length = len(self.tokens) - (self.finish_reason == "stop")
+        return self.cum_logprob / max(length, 1) ** length_penalty
 
 
 @dataclass(slots=True)
@@ -64,46 +78,45 @@ class BeamSearchOutput:
     sequences: list[BeamSequence] = field(default_factory=list)
 
 
+def next_beams(live: Sequence[BeamSequence], proposals: Sequence[dict[int, float]],
+               width: int, eos_token_ids: frozenset[int]
+               ) -> tuple[list[tuple[int, BeamSequence]], list[BeamSequence]]:
+    """One round. `proposals[i]` maps token -> log-probability for live beam i. Returns the next
+    live beams, best first, each with the index of the beam it extends, and the beams this
+    round finished with EOS."""
+    extended: list[tuple[int, BeamSequence]] = []
+    finished: list[BeamSequence] = []
+    for i, (beam, tokens) in enumerate(zip(live, proposals, strict=True)):
+        for token, logprob in tokens.items():
+            new = BeamSequence([*beam.tokens, token], beam.cum_logprob + logprob,
+                               beam.num_prompt_tokens)
+            if token in eos_token_ids:
+                new.finish_reason = "stop"
+                finished.append(new)
+            else:
+                extended.append((i, new))
+    extended.sort(key=lambda item: (-item[1].cum_logprob, item[1].tokens))
+    return extended[:width], finished
+
+
+def best_beams(beams: Sequence[BeamSequence], width: int,
+               length_penalty: float) -> list[BeamSequence]:
+    """The `width` best beams by length-penalised score, best first (ties by token ids)."""
+    return sorted(beams, key=lambda b: (-b.score(length_penalty), b.tokens))[:width]
+
+
 def beam_search(llm: Any, prompts: Sequence[Any],
                 params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """Beam search for every prompt with `llm` (an `LLM`); outputs in prompt order."""
-    width = params.beam_width
-    eos = set() if params.ignore_eos else set(llm.engine.eos_token_ids)
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
-                                 logprobs=2 * width)
-    live: list[list[BeamSequence]] = []
-    for prompt in prompts:
-        _, ids = llm._encode(prompt)
-        live.append([BeamSequence(list(ids), 0.0, len(ids))])
-    done: list[list[BeamSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        flat = [(i, beam) for i, beams in enumerate(live) for beam in beams]
-        if not flat:
-            break
-        outs = llm.generate([{"prompt_token_ids": beam.tokens} for _, beam in flat], step_params)
-        candidates: list[list[BeamSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(flat, outs, strict=True):
-            logprobs = out.outputs[0].logprobs
-            if not logprobs:
-                raise ConfigError(f"beam search: a beam of prompt {i} was not run "
-                                  f"({out.reject_reason}); lower max_tokens or raise "
-                                  "max_model_len")
-            for token, lp in logprobs[0].items():
-                candidates[i].append(BeamSequence([*beam.tokens, token],
-                                                  beam.cum_logprob + lp.logprob,
-                                                  beam.num_prompt_tokens, token in eos))
-        for i, cands in enumerate(candidates):
-            # ties broken by token ids, so the result does not depend on dict order
-            cands.sort(key=lambda b: (-b.cum_logprob, b.tokens))
-            kept = cands[:width]
-            done[i].extend(b for b in kept if b.finished)
-            live[i] = [b for b in kept if not b.finished]
-    tokenizer = llm.get_tokenizer()
+    """Beam search for every prompt with `llm` (an `LLM`), in one engine run; outputs in prompt
+    order (`llm.last_result` has the run's simulated times)."""
     results = []
-    for i in range(len(prompts)):
-        beams = sorted(done[i] + live[i],
-                       key=lambda b: (-b.score(params.length_penalty), b.tokens))[:width]
-        for b in beams:
-            b.text = tokenizer.decode(b.output_token_ids)
-        results.append(BeamSearchOutput(beams))
+    for out in llm.generate(list(prompts), params.sampling_params()):
+        if out.reject_reason is not None:
+            raise ConfigError(f"beam search: prompt {out.request_id} was rejected: "
+                              f"{out.reject_reason}")
+        prompt_ids = list(out.prompt_token_ids)
+        results.append(BeamSearchOutput([
+            BeamSequence(prompt_ids + c.token_ids, c.cumulative_logprob or 0.0,
+                         len(prompt_ids), c.finish_reason, c.text)
+            for c in out.outputs]))
     return results

@@ -15,6 +15,7 @@ simulated-clock serving loop.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 from batching.admission import AdmissionControl
 from batching.base import Scheduler, StepPlan
 from cache.base import KVCacheManager
+from cache.beam_search import BeamGroup, BeamSearch
 from cache.parallel_sampling import make_samples, sample_rng, start_forks
 from parallel.plan import ParallelPlan
 from sim.engine_args import EngineArgs
@@ -135,17 +137,22 @@ class Engine:
         return self.memory.kv_bytes_per_token * self.args.block_size
 
     def _swap_s(self, kv: KVCacheManager, stats: StepStats) -> float:
-        """Host-link time of the KV blocks swapped out and in for the step just planned."""
+        """Time of the KV block moves the step just planned needs: blocks swapped out and in
+        over the host link, and copy-on-write copies in device memory (read + write)."""
         take = getattr(kv, "take_swapped_blocks", None)
         if take is None:
             return 0.0
         num_out, num_in = take()
-        link, eff = self.hardware.host_link, self.hardware.efficiency["host_link_bandwidth"]
+        hw = self.hardware
+        link, eff = hw.host_link, hw.efficiency["host_link_bandwidth"]
         swap_s = (link.transfer_s(num_out * self.kv_block_bytes, eff)
                   + link.transfer_s(num_in * self.kv_block_bytes, eff))
         stats.swap_s += swap_s
-        stats.busy_s += swap_s
-        return swap_s
+        copies = getattr(kv, "take_copied_blocks", lambda: 0)()
+        copy_s = (2 * copies * self.kv_block_bytes
+                  / (hw.hbm_bytes_per_s * hw.efficiency["memory_bandwidth"]))
+        stats.busy_s += swap_s + copy_s
+        return swap_s + copy_s
 
     def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
         """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
@@ -182,9 +189,28 @@ class Engine:
                 logprobs=[] if p.logprobs is not None and functional else None,
             )
 
+        if params.use_beam_search:
+            return self._beam_request(build(request_id, params, 0))
         req = build(request_id, params, 0)
         if params.n > 1:  # the other samples fork its prompt KV (cache.parallel_sampling)
             make_samples(req, build)
+        return req
+
+    def _beam_request(self, req: Request) -> Request:
+        """A beam-search request (`cache.beam_search`): greedy, `2n` log-probabilities per
+        step, its `BeamGroup` attached."""
+        a = self.args
+        why = ("mode='timing' (beam search needs token values: use mode='functional')"
+               if a.mode != "functional" else
+               "speculative decoding" if self.speculation is not None else
+               "data or pipeline parallelism" if self.plan.dp > 1 or self.plan.pp > 1 else
+               f"scheduler={a.scheduler!r} (use 'continuous')" if a.scheduler != "continuous" else
+               "kv_eviction" if a.kv_eviction is not None else None)
+        if why is not None:
+            raise ConfigError(f"use_beam_search=True is not supported with {why}")
+        req.sampling = dataclasses.replace(req.sampling, logprobs=2 * req.sampling.n)
+        req.logprobs = None  # the search keeps cumulative log-probabilities only
+        req.beam = BeamGroup(req, self.eos_token_ids, self.max_model_len)
         return req
 
     # ------------------------------------------------------------------ the loop
@@ -223,6 +249,9 @@ class Engine:
         busy = dispatch_pending = False
         busy_until_s = 0.0  # end of the step in flight
         admission = self.admission_control()
+        beams = (BeamSearch(scheduler, kv, executor.release, not self.sharded,
+                            self.max_num_batched_tokens)
+                 if self.args.mode == "functional" and self.speculation is None else None)
         # timing-only: run certain plain-decode stretches without a plan per step
         coast = (self.coast_enabled and self.args.mode == "timing"
                  and hasattr(scheduler, "coast_horizon") and self.speculation is None)
@@ -269,6 +298,10 @@ class Engine:
                     plan, result = event.payload
                     if self.speculation is not None:
                         self.speculation.observe(plan, result)
+                    if beams is not None:  # beam search rounds: fork, drop, choose tokens
+                        plan, result, searched = beams.step_done(plan, result, now_s)
+                        for req in searched:
+                            ended(req)
                     # n > 1: the other samples fork the prompt KV (per-GPU stores cannot share)
                     for req, reason in start_forks(plan, scheduler, kv, share=not (
                             self.sharded and self.args.mode == "functional")):
@@ -287,7 +320,9 @@ class Engine:
             elif event.priority == ARRIVAL:
                 req = event.payload
                 reason = None
-                if admission.active:
+                if req.beam is not None and beams is not None:
+                    reason = beams.check(req)
+                if reason is None and admission.active:
                     reason = admission.check(req, now_s, getattr(scheduler, "waiting", ()),
                                              busy_until_s)
                 if reason is None:
@@ -303,14 +338,19 @@ class Engine:
                 if busy:
                     continue
                 plan = scheduler.schedule(now_s)
+                if plan is None and beams is not None and beams.restart_preempted():
+                    dispatch_soon(now_s)  # a search restarted: its prompt can run now
+                    continue
                 if plan is None:
                     wake_s = self._wakeup_s(scheduler, now_s)
                     if wake_s is not None:
                         loop.schedule(wake_s, DISPATCH)
                     elif scheduler.has_work() and not loop:
-                        for req in scheduler.abort_all("stalled"):
+                        aborted = scheduler.abort_all("stalled")
+                        for req in aborted:
                             reject(req, "stalled: nothing was running and the request still "
                                    "could not be scheduled within the engine's limits")
+                        for req in aborted if beams is None else beams.surface(aborted):
                             ended(req)
                     continue
                 busy = True

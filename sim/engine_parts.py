@@ -17,6 +17,7 @@ from batching.base import Scheduler
 from batching.commit import StopCriteria
 from cache import KV_CACHES
 from cache.base import KVCacheManager
+from cache.paged import PagedKVCache
 from parallel.plan import plan_gpu_memory
 from sim.cost_model import CostModel
 from sim.errors import ConfigError
@@ -113,12 +114,14 @@ def make_kv_manager(engine: Engine) -> KVCacheManager:
     if args.kv_cache == "none":
         return KV_CACHES["none"]()
     if args.kv_cache == "paged":
-        return KV_CACHES["paged"](
+        paged = PagedKVCache(
             engine.num_kv_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
             eviction=args.eviction())
+        paged.record_block_ops = args.mode == "functional"
+        return paged
     return KV_CACHES[args.kv_cache](engine.num_kv_tokens, engine.max_model_len,
                                     args.contiguous_reservation)
 

@@ -166,11 +166,19 @@ class LLM:
             stop_reason=req.stop_reason if req.stop_reason is not None else req.reject_reason,
         )
 
+    def _beam_completion(self, index: int, beam: Any) -> CompletionOutput:
+        """One beam of a beam search (`sim.beam_search.BeamSequence`), best first."""
+        ids = beam.output_token_ids
+        return CompletionOutput(index=index, text=self.get_tokenizer().decode(ids),
+                                token_ids=ids, cumulative_logprob=beam.cum_logprob,
+                                logprobs=None, finish_reason=beam.finish_reason)
+
     def _output(self, samples: list[Request]) -> RequestOutput:
         """One prompt's `RequestOutput` from its samples (one unless `n > 1`), sample 0 first;
         times span all samples (first token of any, last token and finish of all)."""
         req = samples[0]
         ran = all(r.status is Status.FINISHED for r in samples)
+        beams = req.beam.result if req.beam is not None and ran else None
         last_s = max((r.token_times_s[-1] for r in samples if r.token_times_s),
                      default=req.arrival_s)
         metrics = RequestMetrics(
@@ -185,7 +193,8 @@ class LLM:
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            outputs=[self._completion(r) for r in samples],
+            outputs=([self._completion(r) for r in samples] if not beams
+                     else [self._beam_completion(i, b) for i, b in enumerate(beams)]),
             finished=True,
             metrics=metrics,
             num_cached_tokens=req.num_cached_tokens,

@@ -30,6 +30,11 @@ class SamplingParams:
     request's index, so outputs never depend on what else is in the batch. `n > 1` returns `n`
     samples of one prompt that share its KV blocks (`cache.parallel_sampling`); sample `i` draws
     from seed `seed + i` (vLLM v1), so it equals an `n=1` run with that seed.
+
+    `use_beam_search=True` (vLLM v0's switch) keeps the `n` likeliest sequences instead
+    (`cache.beam_search`): beams fork each other's KV blocks, copied only when written; it needs
+    `temperature=0` and ranks finished beams by cumulative log-probability over
+    `length ** length_penalty`.
     """
 
     n: int = 1
@@ -43,6 +48,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -59,6 +66,12 @@ class SamplingParams:
             raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ConfigError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        if self.use_beam_search and (self.temperature != 0 or self.top_p != 1
+                                     or self.top_k not in (-1, 0)):
+            raise ConfigError("beam search is deterministic: use temperature=0 and no top_p / "
+                              "top_k with use_beam_search=True")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"length_penalty must be finite, got {self.length_penalty}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
@@ -159,6 +172,9 @@ class Request:
     # 0 until its prompt is computed) the other samples, which then fork its prompt KV
     sample_index: int = 0
     forks: list[Request] = field(default_factory=list)
+    # beam search (`use_beam_search=True`): the prompt's `cache.beam_search.BeamGroup`, on the
+    # submitted request and on every beam forked from it
+    beam: Any = None
 
     @property
     def num_tokens(self) -> int:
