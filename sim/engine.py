@@ -94,7 +94,10 @@ class Engine:
         #: the KV pool: the memory plan's, or `num_gpu_blocks_override` blocks (as in vLLM)
         self.num_kv_blocks = args.num_gpu_blocks_override or self.memory.num_kv_blocks
         self.num_kv_tokens = self.num_kv_blocks * args.block_size
-        if args.kv_cache != "none" and self.num_kv_tokens < self.max_model_len:
+        # (under KV eviction a request holds at most its prompt or its budget: checked per
+        # request when it arrives)
+        if (args.kv_cache != "none" and args.kv_eviction is None
+                and self.num_kv_tokens < self.max_model_len):
             raise ConfigError(
                 f"max_model_len={self.max_model_len} is larger than the KV cache "
                 f"({self.num_kv_tokens} tokens for {self.model_config.name} on "
