@@ -169,3 +169,14 @@ def test_contiguous_baselines_hold_fewer_requests_than_paged():
         result = engine.run(make_workload(300, math.inf, 200, 300, seed=0), record_steps=True)
         peaks[name] = result.steps.summary()["max_batch_size"]
     assert peaks["max_len"] < peaks["pow2"] < peaks["oracle"] <= peaks["paged"]
+
+
+def test_kv_eviction_runs_on_a_pool_smaller_than_max_model_len():
+    # a 48-token pool, max_model_len 256: a sliding window of 16 keeps each request bounded
+    llm = LLM(dtype="float64", max_model_len=256, block_size=4, num_gpu_blocks_override=12,
+              kv_eviction="sliding_window", kv_eviction_window=16)
+    short, long = llm.generate([{"prompt_token_ids": list(range(1, 11))},
+                                {"prompt_token_ids": list(range(1, 61))}],
+                               SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    assert len(short.outputs[0].token_ids) == 100 and short.reject_reason is None
+    assert "larger than the KV cache" in long.reject_reason  # its prompt alone needs 15 blocks
