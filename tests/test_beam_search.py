@@ -44,6 +44,7 @@ def _assert_same(outs, expected):
 @pytest.mark.parametrize("kwargs", [
     {"block_size": 1}, {"block_size": 4}, {"block_size": 16}, {"kv_cache": "contiguous"},
     {"kv_cache": "none"}, {"block_size": 4, "enable_prefix_caching": True},
+    {"tensor_parallel_size": 2},  # per-GPU stores: forked beams recompute
 ], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_engine_beams_equal_the_cacheless_reference(kwargs):
     llm = LLM(dtype="float64", max_model_len=MAX_MODEL_LEN, **kwargs)
