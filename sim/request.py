@@ -70,6 +70,9 @@ class SamplingParams:
                                      or self.top_k not in (-1, 0)):
             raise ConfigError("beam search is deterministic: use temperature=0 and no top_p / "
                               "top_k with use_beam_search=True")
+        if self.use_beam_search and self.min_tokens:
+            raise ConfigError("min_tokens is not supported with use_beam_search=True; use "
+                              "ignore_eos=True to keep every beam going")
         if not math.isfinite(self.length_penalty):
             raise ConfigError(f"length_penalty must be finite, got {self.length_penalty}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

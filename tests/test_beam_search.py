@@ -151,6 +151,8 @@ def test_bad_params_are_rejected():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ConfigError, match="temperature=0"):
         SamplingParams(n=2, use_beam_search=True)
+    with pytest.raises(ConfigError, match="min_tokens"):
+        SamplingParams(n=2, use_beam_search=True, temperature=0.0, min_tokens=3)
     with pytest.raises(ConfigError, match="mode='functional'"):
         LLM(mode="timing").generate(
             "hi", SamplingParams(n=2, use_beam_search=True, temperature=0.0))
