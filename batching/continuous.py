@@ -106,14 +106,17 @@ class ContinuousScheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            n = self._chunk(req, req.num_computed, budget)
+            n = req.num_tokens - req.num_computed
+            if n != 1:  # a prompt (or a recompute): chunked with chunked prefill
+                n = self._chunk(req, req.num_computed, budget)
             if n > budget or n == 0 or (self._beams and req.beam is not None
                                         and req.request_id in req.beam.proposals):
                 # (a beam that already proposed this round waits for its siblings)
                 i += 1
                 continue
             # speculative drafts after a decode token, leaving one token for each later request
-            k = self._num_spec(req, n, budget - n - (len(self.running) - i - 1))
+            k = 0 if self.speculation is None else self._num_spec(
+                req, n, budget - n - (len(self.running) - i - 1))
             while not kv.allocate(req, req.num_computed + n + k):
                 # out of KV memory: preempt the most recently admitted running request (vLLM's
                 # victim choice), possibly this one, until this one fits
