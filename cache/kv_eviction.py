@@ -31,6 +31,14 @@ Over a contiguous store (`EvictingModel.forward`, `cache.kv_quality.eviction_log
 block_size=None)`) nothing is freed: evicted positions stay in the store and are masked out.
 That path is the reference the paged paths are tested against.
 
+Eviction composes with 8-bit KV (`kv_cache_dtype`, `cache.kv_quant`): the paged store keeps
+codes and per-token, per-head scales, `read_positions` and H2O's slot reads decode, and
+`compact` moves the scales with the codes, so attention reads exactly the quantize-dequantized
+K/V a contiguous store with the same codec keeps. It also composes with swap preemption: the
+paged manager swaps out only the kept blocks, and H2O's slot state (`H2OSlots`) stays with the
+sequence here, since a swap brings the KV contents back (a recompute, from position 0, starts
+the state afresh).
+
 Timing / capacity side: the manager's arithmetic is the same in timing-only runs (no store), so
 memory stops growing once the budget is full; `EvictedContextCost` prices decode attention over
 the kept tokens only (`min(context, budget)`).
@@ -49,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from cache.h2o import H2OMasked, H2OSlots, h2o_attend_masked, h2o_attend_slots, masked_attention
+from cache.kv_quant import KVCodec
 from cache.kv_store import KVStore
 from cache.paged_store import PagedKVStore
 from sim.errors import ConfigError
@@ -155,15 +164,17 @@ class EvictingModel:
     def release(self, seq_id: Hashable) -> None:
         self._h2o.pop(seq_id, None)
 
-    def forward(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def forward(self, token_ids: Sequence[int] | np.ndarray,
+                codec: KVCodec | None = None) -> np.ndarray:
         """Logits `[n, n_vocab]` of one sequence under eviction, masked over a throwaway
-        contiguous store (the reference the paged paths are tested against)."""
+        contiguous store (the reference the paged paths are tested against); with a `codec`
+        (`cache.kv_quant`) the store keeps each K/V vector quantized and dequantized."""
         from cache.kv_store import ContiguousKVStore
         from sim.numpy_model import SeqChunk
 
         c = self.config
         ids = np.asarray(token_ids, dtype=np.int64)  # [n]
-        store = ContiguousKVStore(c.n_layer, c.n_kv_head, c.d_head, self.dtype)
+        store = ContiguousKVStore(c.n_layer, c.n_kv_head, c.d_head, self.dtype, codec=codec)
         store.allocate("eval", ids.shape[0])
         try:
             return self.forward_step([SeqChunk("eval", ids, 0, ids.shape[0])], store)

@@ -4,7 +4,9 @@
 K/V stored in a paged store of that dtype (`cache.kv_quant`) and compares the next-token
 distributions with the unmodified model's (`sim.quality`: perplexity, KL, top-1 agreement).
 `kv_quality_table` does it for several settings and adds each one's KV capacity on a target GPU,
-the capacity-quality trade-off in one table.
+the capacity-quality trade-off in one table. `eviction_quality` measures KV eviction
+(`cache.kv_eviction`), alone or combined with an 8-bit `kv_cache_dtype`, against full-precision,
+full KV.
 
 Per-token, per-head scales make the stored values independent of how the text is chunked, so
 one prefill gives the logits token-by-token decoding would (up to float rounding, ~1e-15).
@@ -22,6 +24,7 @@ import numpy as np
 
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quant import kv_codec
+from cache.kv_store import ContiguousKVStore
 from cache.paged_store import PagedKVStore
 from sim.numpy_model import NumpyModel
 from sim.quality import QualityReport, compare, reference_logits, teacher_forced_logits
@@ -42,25 +45,32 @@ def kv_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
 
 def eviction_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
                     eviction: KVEviction, chunk_size: int | None = None,
-                    block_size: int | None = 16) -> np.ndarray:
+                    block_size: int | None = 16, kv_cache_dtype: str = "auto") -> np.ndarray:
     """Logits `[n, n_vocab]` at every position when attention reads only what `eviction`
     keeps (`cache.kv_eviction`; each query sees what decoding it would, whatever the chunking),
-    with the K/V in a paged store of `block_size` as the engine keeps them (H2O in compacted
-    slots), or, with `block_size=None`, masked over a contiguous store (the reference)."""
+    with the K/V in a paged store of `block_size` and `kv_cache_dtype` as the engine keeps them
+    (H2O in compacted slots), or, with `block_size=None`, masked over a contiguous store that
+    keeps the same quantize-dequantized K/V (the reference)."""
     evicting: Any = EvictingModel(model, eviction)  # NumpyModel's forward_step interface
-    if block_size is None:
-        return teacher_forced_logits(evicting, token_ids, None, chunk_size)
     c = model.config
-    store = PagedKVStore(c.n_layer, c.n_kv_head, c.d_head, block_size, model.dtype)
+    codec = kv_codec(kv_cache_dtype)
+    if block_size is None:
+        flat = ContiguousKVStore(c.n_layer, c.n_kv_head, c.d_head, model.dtype, codec=codec)
+        return teacher_forced_logits(evicting, token_ids, flat, chunk_size)
+    store = PagedKVStore(c.n_layer, c.n_kv_head, c.d_head, block_size, model.dtype,
+                         codec=codec)
     store.prepare("eval", range(-(-len(token_ids) // block_size)), 0)  # slots never exceed n
     return teacher_forced_logits(evicting, token_ids, store, chunk_size, seq_id="eval")
 
 
 def eviction_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,
-                     eviction: KVEviction, reference: np.ndarray | None = None) -> QualityReport:
-    """Perplexity, next-token KL and top-1 agreement of an evicting KV cache against full KV."""
+                     eviction: KVEviction, reference: np.ndarray | None = None,
+                     kv_cache_dtype: str = "auto") -> QualityReport:
+    """Perplexity, next-token KL and top-1 agreement of an evicting KV cache (its K/V stored
+    in `kv_cache_dtype`: eviction and 8-bit KV combined) against full, unquantized KV."""
     ref = reference_logits(model, token_ids) if reference is None else reference
-    return compare(ref, eviction_logits(model, token_ids, eviction), token_ids)
+    return compare(ref, eviction_logits(model, token_ids, eviction,
+                                        kv_cache_dtype=kv_cache_dtype), token_ids)
 
 
 def kv_quality(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,

@@ -15,9 +15,12 @@ needs room, then the least recently released is evicted (LRU).
 Preemption (`preempt`): `recompute` frees the request's blocks (its progress restarts at 0;
 cached blocks may give part of it back); `swap` copies them to `num_swap_blocks` host blocks and
 back on resumption, each move priced over the profile's host link by the engine. With too little
-swap space left, a swap falls back to recompute. The block copies the contents side must do are
-queued in order (`take_block_ops`): ("out", gpu_block, host_block), ("in", host_block, gpu_block),
-and ("copy", src_block, dst_block) for copy-on-write after `fork`.
+swap space left, a swap falls back to recompute. Under KV eviction a swap first releases the
+blocks no later query reads, then moves only the kept ones: released entries stay -1 in the
+table that comes back (sliding window, StreamingLLM), H2O's compacted slots come back in order.
+The block copies the contents side must do are queued in order (`take_block_ops`):
+("out", gpu_block, host_block), ("in", host_block, gpu_block), and ("copy", src_block,
+dst_block) for copy-on-write after `fork`.
 
 References: Kwon et al., SOSP'23 (PagedAttention, sections 4.2-4.5: block tables, sharing,
 swapping and recomputation); vLLM `vllm/v1/core/kv_cache_manager.py` (prefix caching, hit only
@@ -80,6 +83,9 @@ class PagedKVCache:
         self._pending_swap = [0, 0]  # blocks out, in since the last take_swapped_blocks()
         self._pending_copies = 0  # copy-on-write block copies since the last take_copied_blocks()
         self._forked = False  # a fork may share a partly filled block
+        # no fork, prefix caching or eviction: an allocation within the held blocks only moves
+        # the token count (the common decode step's fast path)
+        self._plain = not (enable_prefix_caching or eviction is not None)
         # cumulative counters (metrics)
         self.num_swapped_out_blocks = 0
         self.num_swapped_in_blocks = 0
@@ -115,9 +121,14 @@ class PagedKVCache:
         """Blocks for the first `num_tokens` tokens (all or nothing). A request without blocks
         may first share `num_cached_tokens` (from `cached_prefix`) from the prefix cache."""
         rid = request.request_id
+        table = self._tables.get(rid)
+        if (table is not None and self._plain and num_tokens <= len(table) * self.block_size):
+            # the common decode step: no new block, nothing shared, cached or evicted
+            self._sum_tokens += num_tokens - self._num_tokens[rid]
+            self._num_tokens[rid] = num_tokens
+            return True
         pool = self.pool
         need = self._blocks_for(num_tokens, request.num_computed)
-        table = self._tables.get(rid)
         if table is None:
             if rid in self._swapped:
                 return self._swap_in(request, num_tokens)
@@ -167,21 +178,30 @@ class PagedKVCache:
         self._hashes.pop(rid, None)
         self._num_registered.pop(rid, None)
         for host in self._swapped.pop(rid, ()):
-            heapq.heappush(self._host_free, host)
+            if host >= 0:
+                heapq.heappush(self._host_free, host)
 
     def preempt(self, request: Request) -> bool:
         """Take the request's blocks away; True if its KV was kept (swapped to host)."""
         rid = request.request_id
         table = self._tables.get(rid)
+        if self.preemption_mode == "swap" and table is not None and self._frees:
+            self._release_dead(rid, table, request.num_computed)  # no need to move those
+        num_live = 0 if table is None else sum(1 for b in table if b >= 0)
         if (self.preemption_mode == "swap" and table is not None
-                and len(table) <= len(self._host_free)):
-            host = [heapq.heappop(self._host_free) for _ in table]
+                and num_live <= len(self._host_free)):
+            # host block per table entry; -1 stays -1 (released by KV eviction)
+            host = [heapq.heappop(self._host_free) if b >= 0 else -1 for b in table]
             if self.record_block_ops:
-                self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True))
-            self._pending_swap[0] += len(table)
-            self.num_swapped_out_blocks += len(table)
+                self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True)
+                                 if g >= 0)
+            self._pending_swap[0] += num_live
+            self.num_swapped_out_blocks += num_live
+            evicted_upto = self._evicted_upto.get(rid)
             self.free(request)
             self._swapped[rid] = host
+            if evicted_upto is not None:
+                self._evicted_upto[rid] = evicted_upto
             return True
         self.free(request)
         return False
@@ -205,6 +225,7 @@ class PagedKVCache:
         for block in shared:
             self.pool.incref(block)
         self._forked = True
+        self._plain = False
         self._tables[cid] = list(shared)
         self._num_tokens[cid] = n
         self._sum_tokens += n
@@ -310,7 +331,8 @@ class PagedKVCache:
             assert held * self.block_size >= self._kept(self._num_tokens[rid])
             if self.eviction is not None and self.eviction.compacts:  # H2O: no holes
                 assert held == len(table), "an H2O block table has a released entry"
-        assert len(self._host_free) + sum(map(len, self._swapped.values())) == self.num_swap_blocks
+        num_swapped = sum(1 for host in self._swapped.values() for h in host if h >= 0)
+        assert len(self._host_free) + num_swapped == self.num_swap_blocks
 
     # ------------------------------------------------------------------ internals
     def _blocks_for(self, num_tokens: int, start: int = 0) -> int:
@@ -323,6 +345,13 @@ class PagedKVCache:
     def _kept(self, num_tokens: int) -> int:
         """Tokens whose KV a request of `num_tokens` tokens keeps (once its step is done)."""
         return num_tokens if self.eviction is None else min(num_tokens, self.eviction.budget)
+
+    def _release_dead(self, rid: str, table: list[int], num_computed: int) -> None:
+        """Release every block no query from `num_computed` on reads (before a swap-out): the
+        positional policies' dead blocks, H2O's slots past the kept ones."""
+        assert self.eviction is not None
+        live = -(-self.eviction.num_slots(num_computed) // self.block_size)
+        self._release_evicted(rid, table, num_computed, live if self.eviction.compacts else 0)
 
     def _release_evicted(self, rid: str, table: list[int], num_computed: int,
                          need: int) -> None:
@@ -390,17 +419,23 @@ class PagedKVCache:
         self._num_registered[rid] = max(start, min(len(hashes), len(table)))
 
     def _swap_in(self, request: Request, num_tokens: int) -> bool:
+        """Bring a swapped-out request back: fresh GPU blocks for its host blocks, in table
+        order (entries released by KV eviction stay -1), and for the step's new entries."""
         rid = request.request_id
         host = self._swapped[rid]
-        need = max(self._blocks_for(num_tokens), len(host))
-        if need > self.pool.num_free_blocks():
+        num_entries = max(self._blocks_for(num_tokens, request.num_computed), len(host))
+        num_released = sum(1 for h in host if h < 0)
+        if num_entries - num_released > self.pool.num_free_blocks():
             return False
-        table = self.pool.take_new(need)
+        fresh = iter(self.pool.take_new(num_entries - num_released))
+        table = [-1 if h < 0 else next(fresh) for h in host]
+        table.extend(fresh)
+        live = [(h, g) for h, g in zip(host, table, strict=False) if h >= 0]
         if self.record_block_ops:
-            self._ops.extend(("in", h, g) for h, g in zip(host, table, strict=False))
-        self._pending_swap[1] += len(host)
-        self.num_swapped_in_blocks += len(host)
-        for h in host:
+            self._ops.extend(("in", h, g) for h, g in live)
+        self._pending_swap[1] += len(live)
+        self.num_swapped_in_blocks += len(live)
+        for h, _ in live:
             heapq.heappush(self._host_free, h)
         del self._swapped[rid]
         self._tables[rid] = table

@@ -175,13 +175,14 @@ class EngineArgs:
             self._check_eviction()
 
     def _check_eviction(self) -> None:
-        """KV eviction runs on the paged cache alone, without sharing or swapping."""
+        """KV eviction runs on the paged cache without block sharing (prefix caching, forks),
+        speculation or model parallelism; it combines with 8-bit KV (`kv_cache_dtype`: the two
+        compressions multiply) and with either preemption mode (a swap moves the kept blocks
+        only, and H2O's slot state stays with the sequence)."""
         self.eviction()  # validates the policy and its sizes
         if self.kv_cache != "paged":
             raise ConfigError(f"kv_eviction needs kv_cache='paged', got {self.kv_cache!r}")
         for bad, why in ((self.enable_prefix_caching, "enable_prefix_caching"),
-                         (self.preemption_mode != "recompute", "preemption_mode='swap'"),
-                         (self.kv_cache_dtype != "auto", "a quantized kv_cache_dtype"),
                          (self.speculative_config is not None, "speculative decoding"),
                          (self.tensor_parallel_size * self.pipeline_parallel_size > 1,
                           "model parallelism")):

@@ -299,11 +299,15 @@ def test_more_requests_fit_and_decode_reads_fewer_bytes():
 def test_bad_combinations_are_rejected_and_flags_parse():
     for kwargs, match in ((dict(kv_cache="contiguous"), "paged"),
                           (dict(enable_prefix_caching=True), "prefix"),
-                          (dict(preemption_mode="swap"), "swap"),
-                          (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
+                          (dict(speculative_config={"method": "ngram",
+                                                    "num_speculative_tokens": 2}), "speculative"),
+                          (dict(tensor_parallel_size=2), "parallelism"),
                           (dict(kv_eviction_window=0), "window")):
         with pytest.raises(ConfigError, match=match):
             EngineArgs(kv_eviction="sliding_window", **kwargs)
+    # 8-bit KV and swap preemption combine with it (tests/test_cache_eviction_combined.py)
+    EngineArgs(kv_eviction="h2o", kv_eviction_heavy=4, kv_cache_dtype="fp8",
+               preemption_mode="swap")
     with pytest.raises(ConfigError, match="heavy"):
         EngineArgs(kv_eviction="h2o")
     with pytest.raises(ConfigError, match="kv_eviction"):
