@@ -29,13 +29,13 @@ up to `num_tokens - 1`) and vLLM v0 `block_manager` (swap space in GiB).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 import numpy as np
 
 from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
 from cache.kv_eviction import KVEviction
+from cache.swap_space import SwapSpace
 from cache.usage import KVMemoryUsage
 from sim.errors import InfersimError
 from sim.request import Request
@@ -54,14 +54,12 @@ class PagedKVCache:
         if preemption_mode not in PREEMPTION_MODES:
             raise InfersimError(f"preemption_mode={preemption_mode!r} is not one of "
                                 f"{', '.join(PREEMPTION_MODES)}")
-        if num_swap_blocks < 0:
-            raise InfersimError(f"num_swap_blocks must be >= 0, got {num_swap_blocks}")
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size = block_size
         self.num_kv_tokens = num_blocks * block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.preemption_mode = preemption_mode
-        self.num_swap_blocks = num_swap_blocks
+        self.swap = SwapSpace(num_swap_blocks)  # host blocks of swapped-out requests
         # KV eviction (cache.kv_eviction): a request's blocks stop growing at the kept budget.
         # Sliding window / StreamingLLM: blocks no later query reads go back to the pool (their
         # table entries become -1). H2O: the kept KV is compacted into the table's first slots
@@ -70,25 +68,20 @@ class PagedKVCache:
         self._frees = eviction is not None
         self._evicted_upto: dict[str, int] = {}  # request_id -> table entries checked so far
         self.num_evicted_blocks = 0  # blocks released by KV eviction (metric)
-        self._host_free = list(range(num_swap_blocks))  # a heap
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
         self._sum_tokens = 0
         self._hashes: dict[str, list[bytes]] = {}  # chained hashes of known full blocks
         self._num_registered: dict[str, int] = {}  # table entries already offered to the cache
-        self._swapped: dict[str, list[int]] = {}  # request_id -> host blocks
         self._ops: list[tuple[str, int, int]] = []
         #: queue block copies for a contents store (False in timing-only runs: none reads them)
         self.record_block_ops = True
-        self._pending_swap = [0, 0]  # blocks out, in since the last take_swapped_blocks()
         self._pending_copies = 0  # copy-on-write block copies since the last take_copied_blocks()
         self._forked = False  # a fork may share a partly filled block
         # no fork, prefix caching or eviction: an allocation within the held blocks only moves
         # the token count (the common decode step's fast path)
         self._plain = not (enable_prefix_caching or eviction is not None)
         # cumulative counters (metrics)
-        self.num_swapped_out_blocks = 0
-        self.num_swapped_in_blocks = 0
         self.num_queried_tokens = 0  # prompt tokens of admissions that looked up the cache
         self.num_hit_tokens = 0
 
@@ -130,7 +123,7 @@ class PagedKVCache:
         pool = self.pool
         need = self._blocks_for(num_tokens, request.num_computed)
         if table is None:
-            if rid in self._swapped:
+            if self.swap.holds(rid):
                 return self._swap_in(request, num_tokens)
             hits = self._hit_blocks(request, num_cached_tokens)
             num_revived = sum(1 for b in hits if pool.ref_count[b] == 0)
@@ -169,7 +162,11 @@ class PagedKVCache:
         return True
 
     def free(self, request: Request) -> None:
-        rid = request.request_id
+        self._drop_blocks(request.request_id)
+        self.swap.free(request.request_id)
+
+    def _drop_blocks(self, rid: str) -> None:
+        """Release the request's GPU blocks and bookkeeping (not its host blocks)."""
         table = self._tables.pop(rid, None)
         if table is not None:
             self.pool.release([b for b in table[::-1] if b >= 0])  # tail first: evicted first
@@ -177,9 +174,6 @@ class PagedKVCache:
         self._sum_tokens -= self._kept(self._num_tokens.pop(rid, 0))
         self._hashes.pop(rid, None)
         self._num_registered.pop(rid, None)
-        for host in self._swapped.pop(rid, ()):
-            if host >= 0:
-                heapq.heappush(self._host_free, host)
 
     def preempt(self, request: Request) -> bool:
         """Take the request's blocks away; True if its KV was kept (swapped to host)."""
@@ -187,19 +181,13 @@ class PagedKVCache:
         table = self._tables.get(rid)
         if self.preemption_mode == "swap" and table is not None and self._frees:
             self._release_dead(rid, table, request.num_computed)  # no need to move those
-        num_live = 0 if table is None else sum(1 for b in table if b >= 0)
-        if (self.preemption_mode == "swap" and table is not None
-                and num_live <= len(self._host_free)):
-            # host block per table entry; -1 stays -1 (released by KV eviction)
-            host = [heapq.heappop(self._host_free) if b >= 0 else -1 for b in table]
+        moves = (self.swap.swap_out(rid, table)
+                 if self.preemption_mode == "swap" and table is not None else None)
+        if moves is not None:  # each live entry to a host block; -1 (released) stays -1
             if self.record_block_ops:
-                self._ops.extend(("out", g, h) for g, h in zip(table, host, strict=True)
-                                 if g >= 0)
-            self._pending_swap[0] += num_live
-            self.num_swapped_out_blocks += num_live
+                self._ops.extend(("out", g, h) for g, h in moves)
             evicted_upto = self._evicted_upto.get(rid)
-            self.free(request)
-            self._swapped[rid] = host
+            self._drop_blocks(rid)
             if evicted_upto is not None:
                 self._evicted_upto[rid] = evicted_upto
             return True
@@ -212,7 +200,7 @@ class PagedKVCache:
         only when one of them writes into it (a partly filled last block included)."""
         cid, pid = child.request_id, parent.request_id
         table = self._tables.get(pid)
-        if table is None or cid in self._tables or cid in self._swapped:
+        if table is None or cid in self._tables or self.swap.holds(cid):
             raise InfersimError(f"fork: {pid!r} must hold blocks and {cid!r} none")
         held = self._num_tokens[pid]
         n = held if num_tokens is None else num_tokens
@@ -303,9 +291,7 @@ class PagedKVCache:
 
     def take_swapped_blocks(self) -> tuple[int, int]:
         """(blocks swapped out, blocks swapped in) since the last call (for pricing)."""
-        out, into = self._pending_swap
-        self._pending_swap = [0, 0]
-        return out, into
+        return self.swap.take_moved()
 
     def take_copied_blocks(self) -> int:
         """Copy-on-write block copies since the last call (for pricing)."""
@@ -331,8 +317,7 @@ class PagedKVCache:
             assert held * self.block_size >= self._kept(self._num_tokens[rid])
             if self.eviction is not None and self.eviction.compacts:  # H2O: no holes
                 assert held == len(table), "an H2O block table has a released entry"
-        num_swapped = sum(1 for host in self._swapped.values() for h in host if h >= 0)
-        assert len(self._host_free) + num_swapped == self.num_swap_blocks
+        self.swap.check()
 
     # ------------------------------------------------------------------ internals
     def _blocks_for(self, num_tokens: int, start: int = 0) -> int:
@@ -422,7 +407,7 @@ class PagedKVCache:
         """Bring a swapped-out request back: fresh GPU blocks for its host blocks, in table
         order (entries released by KV eviction stay -1), and for the step's new entries."""
         rid = request.request_id
-        host = self._swapped[rid]
+        host = self.swap.host_table(rid)
         num_entries = max(self._blocks_for(num_tokens, request.num_computed), len(host))
         num_released = sum(1 for h in host if h < 0)
         if num_entries - num_released > self.pool.num_free_blocks():
@@ -430,14 +415,9 @@ class PagedKVCache:
         fresh = iter(self.pool.take_new(num_entries - num_released))
         table = [-1 if h < 0 else next(fresh) for h in host]
         table.extend(fresh)
-        live = [(h, g) for h, g in zip(host, table, strict=False) if h >= 0]
+        moves = self.swap.swap_in(rid, table)
         if self.record_block_ops:
-            self._ops.extend(("in", h, g) for h, g in live)
-        self._pending_swap[1] += len(live)
-        self.num_swapped_in_blocks += len(live)
-        for h, _ in live:
-            heapq.heappush(self._host_free, h)
-        del self._swapped[rid]
+            self._ops.extend(("in", h, g) for h, g in moves)
         self._tables[rid] = table
         self._num_registered[rid] = 0
         self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))

@@ -175,7 +175,7 @@ def test_swap_moves_only_kept_blocks_and_comes_back_within_the_budget(policy):
     else:
         assert [b < 0 for b in table[:len(before)]] == [b < 0 for b in before]
         assert len(table) == -(-301 // 16)
-    assert kv.num_swapped_in_blocks == kv.num_swapped_out_blocks == len(out)
+    assert kv.swap.num_swapped_in_blocks == kv.swap.num_swapped_out_blocks == len(out)
     kv.check()
     kv.free(req)
     kv.check()
@@ -219,7 +219,7 @@ def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
     assert swaps and all(swapped for swapped, _ in swaps)  # swapped, never recomputed
     # some victims had evicted positions (released blocks, H2O scores that chose evictions)
     assert max(n for _, n in swaps) > _eviction(policy, extra).budget
-    assert kv.num_swapped_out_blocks == kv.num_swapped_in_blocks > 0
+    assert kv.swap.num_swapped_out_blocks == kv.swap.num_swapped_in_blocks > 0
     kv.check()
     assert kv.pool.num_free_blocks() == kv.pool.num_blocks
-    assert len(kv._host_free) == kv.num_swap_blocks
+    assert kv.swap.num_free_blocks == kv.swap.num_blocks
