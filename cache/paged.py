@@ -33,8 +33,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
+from cache.block_pool import BlockPool
 from cache.kv_eviction import KVEviction
+from cache.prefix_index import PrefixIndex
 from cache.swap_space import SwapSpace
 from cache.usage import KVMemoryUsage
 from sim.errors import InfersimError
@@ -71,8 +72,7 @@ class PagedKVCache:
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
         self._sum_tokens = 0
-        self._hashes: dict[str, list[bytes]] = {}  # chained hashes of known full blocks
-        self._num_registered: dict[str, int] = {}  # table entries already offered to the cache
+        self.prefix = PrefixIndex(self.pool)  # block hashes (prefix caching)
         self._ops: list[tuple[str, int, int]] = []
         #: queue block copies for a contents store (False in timing-only runs: none reads them)
         self.record_block_ops = True
@@ -81,9 +81,6 @@ class PagedKVCache:
         # no fork, prefix caching or eviction: an allocation within the held blocks only moves
         # the token count (the common decode step's fast path)
         self._plain = not (enable_prefix_caching or eviction is not None)
-        # cumulative counters (metrics)
-        self.num_queried_tokens = 0  # prompt tokens of admissions that looked up the cache
-        self.num_hit_tokens = 0
 
     # ------------------------------------------------------------------ KVCacheManager
     def never_fits(self, request: Request, max_len: int) -> str | None:
@@ -99,16 +96,7 @@ class PagedKVCache:
 
     def cached_prefix(self, request: Request) -> int:
         """Tokens of the request's start whose KV is cached (whole blocks, < num_tokens)."""
-        if not self.enable_prefix_caching:
-            return 0
-        hashes = self._request_hashes(request, request.num_tokens)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        num = 0
-        for h in hashes[:max_blocks]:
-            if self.pool.lookup(h) is None:
-                break
-            num += 1
-        return num * self.block_size
+        return self.prefix.cached_prefix(request) if self.enable_prefix_caching else 0
 
     def allocate(self, request: Request, num_tokens: int, num_cached_tokens: int = 0) -> bool:
         """Blocks for the first `num_tokens` tokens (all or nothing). A request without blocks
@@ -125,7 +113,9 @@ class PagedKVCache:
         if table is None:
             if self.swap.holds(rid):
                 return self._swap_in(request, num_tokens)
-            hits = self._hit_blocks(request, num_cached_tokens)
+            if num_cached_tokens and not self.enable_prefix_caching:
+                raise InfersimError("allocate: num_cached_tokens needs enable_prefix_caching")
+            hits = self.prefix.hit_blocks(request, num_cached_tokens) if num_cached_tokens else []
             num_revived = sum(1 for b in hits if pool.ref_count[b] == 0)
             if need - len(hits) + num_revived > pool.num_free_blocks():
                 return False
@@ -133,10 +123,7 @@ class PagedKVCache:
                 pool.take_cached(block)
             table = hits + pool.take_new(need - len(hits))
             self._tables[rid] = table
-            self._num_registered[rid] = len(hits)
-            if self.enable_prefix_caching:
-                self.num_queried_tokens += request.num_prompt_tokens
-                self.num_hit_tokens += num_cached_tokens
+            self.prefix.admitted(request, len(hits), count=self.enable_prefix_caching)
         else:
             if self._frees:
                 self._release_evicted(rid, table, request.num_computed, need)
@@ -158,7 +145,7 @@ class PagedKVCache:
         self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))
         self._num_tokens[rid] = num_tokens
         if self.enable_prefix_caching:
-            self._register(request, table, num_tokens)
+            self.prefix.register(request, table, num_tokens)
         return True
 
     def free(self, request: Request) -> None:
@@ -172,8 +159,7 @@ class PagedKVCache:
             self.pool.release([b for b in table[::-1] if b >= 0])  # tail first: evicted first
         self._evicted_upto.pop(rid, None)
         self._sum_tokens -= self._kept(self._num_tokens.pop(rid, 0))
-        self._hashes.pop(rid, None)
-        self._num_registered.pop(rid, None)
+        self.prefix.forget(rid)
 
     def preempt(self, request: Request) -> bool:
         """Take the request's blocks away; True if its KV was kept (swapped to host)."""
@@ -218,8 +204,7 @@ class PagedKVCache:
         self._num_tokens[cid] = n
         self._sum_tokens += n
         num_full = n // self.block_size  # hashes of the parent's later blocks may not be ours
-        self._hashes[cid] = list(self._hashes.get(pid, []))[:num_full]
-        self._num_registered[cid] = min(self._num_registered[pid], num_full)
+        self.prefix.fork(pid, cid, num_full)
 
     def coast_growth(self, requests: Sequence[Request], max_steps: int) -> list[int]:
         """For plain-decode steps of `requests` (step j allocates `num_tokens + j` tokens of
@@ -301,7 +286,7 @@ class PagedKVCache:
     @property
     def hit_rate(self) -> float:
         """Prompt tokens served from the prefix cache / prompt tokens looked up."""
-        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+        return self.prefix.hit_rate
 
     def check(self) -> None:
         """Invariants (tests): reference counts equal table references exactly."""
@@ -363,46 +348,6 @@ class PagedKVCache:
         self.pool.release(dead)
         self.num_evicted_blocks += len(dead)
 
-    def _request_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
-        """Chained hashes of the full blocks among the request's first `num_tokens` tokens
-        whose ids are known (prompt ids; output ids too when the engine keeps them)."""
-        rid = request.request_id
-        hashes = self._hashes.setdefault(rid, [])
-        if request.prompt_token_ids is None:
-            return hashes
-        known = min(num_tokens, request.num_tokens if request.keep_tokens
-                    else request.num_prompt_tokens)
-        bs = self.block_size
-        if known // bs > len(hashes):
-            start = len(hashes) * bs
-            ids = request.token_ids_slice(start, (known // bs) * bs)
-            hashes.extend(block_hashes(ids, bs, hashes[-1] if hashes else ROOT_HASH))
-        return hashes
-
-    def _hit_blocks(self, request: Request, num_cached_tokens: int) -> list[int]:
-        if num_cached_tokens == 0:
-            return []
-        if num_cached_tokens % self.block_size or not self.enable_prefix_caching:
-            raise InfersimError(f"allocate: num_cached_tokens={num_cached_tokens} must come from "
-                                "cached_prefix() (whole blocks, prefix caching enabled)")
-        hits = []
-        for h in self._request_hashes(request, num_cached_tokens)[:num_cached_tokens // self.block_size]:
-            block = self.pool.lookup(h)
-            if block is None:
-                raise InfersimError("allocate: the cached prefix changed since cached_prefix()")
-            hits.append(block)
-        return hits
-
-    def _register(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Offer the request's newly full blocks to the prefix cache (their KV is computed in
-        the step being scheduled, before any later step can read it)."""
-        rid = request.request_id
-        hashes = self._request_hashes(request, num_tokens)
-        start = self._num_registered[rid]
-        for i in range(start, min(len(hashes), len(table))):
-            self.pool.register(table[i], hashes[i])
-        self._num_registered[rid] = max(start, min(len(hashes), len(table)))
-
     def _swap_in(self, request: Request, num_tokens: int) -> bool:
         """Bring a swapped-out request back: fresh GPU blocks for its host blocks, in table
         order (entries released by KV eviction stay -1), and for the step's new entries."""
@@ -419,9 +364,9 @@ class PagedKVCache:
         if self.record_block_ops:
             self._ops.extend(("in", h, g) for h, g in moves)
         self._tables[rid] = table
-        self._num_registered[rid] = 0
+        self.prefix.admitted(request, 0, count=False)
         self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))
         self._num_tokens[rid] = num_tokens
         if self.enable_prefix_caching:
-            self._register(request, table, num_tokens)
+            self.prefix.register(request, table, num_tokens)
         return True
