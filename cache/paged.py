@@ -6,14 +6,14 @@ block i -> physical block id) that grows one block at a time as it produces toke
 whole `max_model_len` reservation.
 
 With `enable_prefix_caching`, every full block is indexed by the chained hash of the tokens up to
-its end (`cache.block_pool`). A new request whose prompt starts with cached blocks shares them by
-reference count, and its progress counter starts after them: those tokens are never recomputed.
+its end (`cache.prefix_index`). A new request whose prompt starts with cached blocks shares them
+by reference count, and its progress counter starts after them: those tokens are never recomputed.
 At least one token is always computed (its logits give the first output token), so a hit covers
 at most the full blocks before the last token. Released cached blocks stay valid until the pool
 needs room, then the least recently released is evicted (LRU).
 
 Preemption (`preempt`): `recompute` frees the request's blocks (its progress restarts at 0;
-cached blocks may give part of it back); `swap` copies them to `num_swap_blocks` host blocks and
+cached blocks may give part of it back); `swap` copies them to host blocks (`cache.swap_space`) and
 back on resumption, each move priced over the profile's host link by the engine. With too little
 swap space left, a swap falls back to recompute. Under KV eviction a swap first releases the
 blocks no later query reads, then moves only the kept ones: released entries stay -1 in the
