@@ -152,6 +152,7 @@ class Engine:
                   + link.transfer_s(num_in * self.kv_block_bytes, eff))
         stats.swap_s += swap_s
         copies = getattr(kv, "take_copied_blocks", lambda: 0)()
+        stats.num_copied_blocks += copies
         copy_s = (2 * copies * self.kv_block_bytes
                   / (hw.hbm_bytes_per_s * hw.efficiency["memory_bandwidth"]))
         stats.busy_s += swap_s + copy_s

@@ -29,6 +29,7 @@ class StepStats:
     num_preemptions: int = 0
     swap_s: float = 0.0  # KV swap transfers over the host link (included in busy_s)
     draft_s: float = 0.0  # speculative draft-model steps (included in busy_s)
+    num_copied_blocks: int = 0  # copy-on-write KV block copies (forked samples and beams)
 
 
 @dataclass

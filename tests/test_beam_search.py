@@ -119,6 +119,8 @@ def test_beams_share_blocks_respect_max_num_seqs_and_price_rounds():
                                      prompt[0]["prompt_token_ids"])], record_steps=True)
         cols = result.steps.columns()
         assert cols["num_seqs"].max() == 4  # the 4 beams decode together, never more
+        # copy-on-write block copies are counted (paged forks share a partly filled last block)
+        assert (result.stats.num_copied_blocks > 0) == (kv == "paged")
         held[kv] = (int(cols["kv_used_tokens"].max()), result.stats.num_tokens_computed,
                     result.requests[0])
     # paged: the 48-token prompt is held once (4 beams x 8 tokens on top, at most)
