@@ -28,6 +28,7 @@ from cache.base import KVCacheManager
 from cache.beam_search import BeamGroup, BeamSearch
 from cache.parallel_sampling import make_samples, sample_rng, start_forks
 from parallel.plan import ParallelPlan
+from sim.coasting import coast_decodes
 from sim.engine_args import EngineArgs
 from sim.engine_parts import (
     build_cost_model,
@@ -314,7 +315,8 @@ class Engine:
                     for req in scheduler.update(plan, result, now_s):
                         ended(req)
                 if coast:
-                    end_s = self._coast(scheduler, now_s, loop.peek_time_s(), stats, steps)
+                    end_s = coast_decodes(self.cost_model, scheduler, now_s, loop.peek_time_s(),
+                                          stats, steps)
                     if end_s > now_s:  # busy until the last coasted step completes
                         busy_until_s = end_s
                         loop.schedule(end_s, STEP_DONE, None)
@@ -400,34 +402,3 @@ class Engine:
         stats.num_tokens_computed += plan.num_new_tokens
         stats.num_tokens_priced += shape.total_new_tokens
         return step_s
-
-    def _coast(self, scheduler: Any, now_s: float, next_event_s: float, stats: StepStats,
-               steps: StepSeries | None) -> float:
-        """Price and commit the plain-decode steps the scheduler certifies, each at its own end
-        time exactly as step-by-step dispatch would, starting none at or after the next event;
-        the end time of the last one (`now_s` when none ran)."""
-        horizon = scheduler.coast_horizon()
-        if horizon == 0:
-            return now_s
-        running = scheduler.running
-        num_seqs = len(running)
-        ones = (1,) * num_seqs
-        context0 = np.array([r.num_computed for r in running])  # [num_seqs]
-        used0 = scheduler.kv.num_used_tokens()  # distinct KV tokens before the first coasted step
-        end_times_s: list[float] = []
-        for k in range(horizon):
-            if now_s >= next_event_s:  # an arrival at or before this dispatch joins it
-                break
-            step_s = self.cost_model.step_time_s(ones, tuple((context0 + k).tolist()), num_seqs)
-            if steps is not None:
-                held = used0 + (k + 1) * num_seqs
-                steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
-                          len(scheduler.waiting), held, scheduler.coast_reserved_tokens[k])
-            now_s = now_s + step_s
-            end_times_s.append(now_s)
-            stats.busy_s += step_s
-        scheduler.coast(end_times_s)
-        stats.num_steps += len(end_times_s)
-        stats.num_tokens_computed += num_seqs * len(end_times_s)
-        stats.num_tokens_priced += num_seqs * len(end_times_s)
-        return now_s
