@@ -19,7 +19,7 @@ For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = 
 - **PP**: each stage runs its contiguous layers (the LM head and sampler on the last); a
   micro-batch crosses pp - 1 stage boundaries, each a send/recv of the hidden state and the
   residual ([T, E] twice, as vLLM's IntermediateTensors). `stage_times_s` gives each stage's
-  busy time, which the pipelined engine (`parallel.runner`) overlaps across micro-batches.
+  busy time, which the engine loop (`parallel.runner.StageClock`) overlaps across micro-batches.
 
 `step_time_s` is one micro-batch's latency through every stage (compute + comm + overhead).
 

@@ -22,9 +22,13 @@ from sim.step_series import StepSeries
 
 
 def coast_decodes(cost_model: Any, scheduler: Any, now_s: float, next_event_s: float,
-          stats: StepStats, steps: StepSeries | None) -> float:
+                  stats: StepStats, steps: StepSeries | None, lane: int = 0,
+                  busy_row: list[float] | None = None) -> float:
     """Price and commit the plain-decode steps the scheduler certifies, starting none at or
-    after `next_event_s`; the end time of the last one (`now_s` when none ran)."""
+    after `next_event_s`; the end time of the last one (`now_s` when none ran). `lane` labels
+    the step series' rows; `busy_row[0]` (a replica's stage busy time) gets each step's time."""
+    if now_s >= next_event_s:  # an event at this instant: nothing to coast (the cheap check)
+        return now_s
     horizon = scheduler.coast_horizon()
     if horizon == 0:
         return now_s
@@ -41,10 +45,12 @@ def coast_decodes(cost_model: Any, scheduler: Any, now_s: float, next_event_s: f
         if steps is not None:
             held = used0 + (k + 1) * num_seqs
             steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
-                      len(scheduler.waiting), held, scheduler.coast_reserved_tokens[k])
+                      len(scheduler.waiting), held, scheduler.coast_reserved_tokens[k], lane)
         now_s = now_s + step_s
         end_times_s.append(now_s)
         stats.busy_s += step_s
+        if busy_row is not None:
+            busy_row[0] += step_s
     scheduler.coast(end_times_s)
     stats.num_steps += len(end_times_s)
     stats.num_tokens_computed += num_seqs * len(end_times_s)

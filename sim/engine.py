@@ -1,9 +1,10 @@
 """The engine: requests in, a discrete-event simulation, tokens and metrics out.
 
-One loop drives everything (DESIGN.md "one-way data flow"): at each dispatch the scheduler plans
-a step from committed state, the executor computes it (real tokens, or none in timing mode), the
-cost model prices its shape, and a `StepDone` event at `now + cost` commits the results. Arrivals
-stream in lazily from any iterable, so a million-request workload never sits in memory.
+One loop drives everything (DESIGN.md "one-way data flow"; `sim.engine_loop`, for every parallel
+layout): at each dispatch the scheduler plans a step from committed state, the executor computes
+it (real tokens, or none in timing mode), the cost model prices its shape, and a `StepDone` event
+at `now + cost` commits the results. Arrivals stream in lazily from any iterable, so a
+million-request workload never sits in memory.
 
 A request that can never run is rejected with a reason when it arrives; if the queue ever stalls
 with nothing running and nothing left to arrive, the remaining requests are rejected with a
@@ -16,7 +17,6 @@ simulated-clock serving loop.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,11 +25,11 @@ import numpy as np
 from batching.admission import AdmissionControl
 from batching.base import Scheduler, StepPlan
 from cache.base import KVCacheManager
-from cache.beam_search import BeamGroup, BeamSearch
-from cache.parallel_sampling import make_samples, sample_rng, start_forks
+from cache.beam_search import BeamGroup
+from cache.parallel_sampling import make_samples, sample_rng
 from parallel.plan import ParallelPlan
-from sim.coasting import coast_decodes
 from sim.engine_args import EngineArgs
+from sim.engine_loop import run_engine
 from sim.engine_parts import (
     build_cost_model,
     build_functional,
@@ -40,22 +40,13 @@ from sim.engine_parts import (
     make_scheduler,
 )
 from sim.errors import ConfigError
-from sim.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
 from sim.executor import Executor
 from sim.hardware import load_profile
 from sim.memory_plan import MemoryPlan
-from sim.metrics import MetricsCollector
 from sim.model_zoo import resolve_model
 from sim.quantization import quant_spec
 from sim.request import Request, SamplingParams
-from sim.run_records import (
-    SimulationResult,
-    StepStats,
-    record_step,
-    reject,
-    request_times,
-)
-from sim.step_series import StepSeries
+from sim.run_records import SimulationResult, StepStats
 from sim.workload import RequestSpec
 
 
@@ -79,7 +70,7 @@ class Engine:
                                            args.pipeline_parallel_size, args.data_parallel_size,
                                            args.enable_expert_parallel)
         self.sharded = self.plan.tp * self.plan.pp > 1  # one replica spans several GPUs
-        self.parallel_stats: Any = None  # filled by parallel.runner (dp > 1 or pp > 1)
+        self.parallel_stats: Any = None  # `ParallelStats` of the last run (dp > 1 or pp > 1)
         self.cost_model: Any = build_cost_model(self, kv_dtype)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
@@ -179,9 +170,6 @@ class Engine:
                      params: SamplingParams, arrival_s: float,
                      prompt_token_ids: list[int] | None = None, prompt: str | None = None) -> Request:
         functional = self.args.mode == "functional"
-        if params.n > 1 and (self.plan.dp > 1 or self.plan.pp > 1):
-            raise ConfigError(f"SamplingParams(n={params.n}) is not supported with data or "
-                              "pipeline parallelism yet; use n=1 there")
 
         def build(rid: str, p: SamplingParams, sample_index: int) -> Request:
             return Request(
@@ -208,7 +196,6 @@ class Engine:
         why = ("mode='timing' (beam search needs token values: use mode='functional')"
                if a.mode != "functional" else
                "speculative decoding" if self.speculation is not None else
-               "data or pipeline parallelism" if self.plan.dp > 1 or self.plan.pp > 1 else
                f"scheduler={a.scheduler!r} (use 'continuous')" if a.scheduler != "continuous" else
                "kv_eviction" if a.kv_eviction is not None else None)
         if why is not None:
@@ -230,147 +217,11 @@ class Engine:
 
         `keep_requests=False` keeps only streaming metrics (flat memory for huge workloads);
         `on_finish` sees each request as it ends (e.g. a progress bar); `record_steps` keeps a
-        per-step time series (`SimulationResult.steps`).
+        per-step time series (`SimulationResult.steps`; with data or pipeline parallelism every
+        lane's steps, labelled by lane). The loop is `sim.engine_loop.run_engine`, one for
+        every parallel layout.
         """
-        if self.plan.dp > 1 or self.plan.pp > 1:  # several schedulers on one clock
-            from parallel.runner import run_parallel
-
-            return run_parallel(self, requests, keep_requests, on_finish)
-        wall_start = time.perf_counter()
-        kv = self._kv_manager()
-        scheduler = self._scheduler(kv)
-        executor = self._executor(kv.retains_kv, kv)
-        if self.speculation is not None:  # the scheduler asks it for k; drafts + verification
-            executor = self.speculation.attach(scheduler, executor, kv, self.max_model_len,
-                                               getattr(self, "functional_model", None))
-        metrics = MetricsCollector()
-        stats = StepStats()
-        steps = StepSeries() if record_steps else None
-        loop = EventLoop()
-        kept: list[Request] = []
-        source = iter(requests)
-        index = 0
-        last_arrival_s = 0.0
-        busy = dispatch_pending = False
-        busy_until_s = 0.0  # end of the step in flight
-        admission = self.admission_control()
-        beams = (BeamSearch(scheduler, kv, executor.release, not self.sharded,
-                            self.max_num_batched_tokens)
-                 if self.args.mode == "functional" and self.speculation is None else None)
-        # timing-only: run certain plain-decode stretches without a plan per step
-        coast = (self.coast_enabled and self.args.mode == "timing"
-                 and hasattr(scheduler, "coast_horizon") and self.speculation is None)
-
-        def next_arrival() -> None:
-            nonlocal index, last_arrival_s
-            item = next(source, None)
-            if item is None:
-                return
-            req = item if isinstance(item, Request) else self.request_from_spec(item, index)
-            index += 1
-            if not req.arrival_s >= last_arrival_s:
-                raise ConfigError(
-                    f"request {req.request_id} arrives at {req.arrival_s} s, before the previous "
-                    f"one ({last_arrival_s} s); sort the workload by arrival time"
-                )
-            last_arrival_s = req.arrival_s
-            loop.schedule(req.arrival_s, ARRIVAL, req)
-
-        def ended(req: Request) -> None:
-            metrics.record(request_times(req))
-            executor.release(req)
-            if keep_requests:
-                kept.append(req)
-            if on_finish is not None:
-                on_finish(req)
-            for child in req.forks:  # samples of a request that never ran share its fate
-                reject(child, req.reject_reason or "its first sample never ran")
-                ended(child)
-            req.forks = []
-
-        def dispatch_soon(now_s: float) -> None:
-            nonlocal dispatch_pending
-            if not dispatch_pending:
-                dispatch_pending = True
-                loop.schedule(now_s, DISPATCH)
-
-        next_arrival()
-        while loop:
-            event = loop.pop()
-            now_s = event.time_s
-            if event.priority == STEP_DONE:
-                if event.payload is not None:  # None: the last coasted step completes
-                    plan, result = event.payload
-                    if self.speculation is not None:
-                        self.speculation.observe(plan, result)
-                    if beams is not None:  # beam search rounds: fork, drop, choose tokens
-                        plan, result, searched = beams.step_done(plan, result, now_s)
-                        for req in searched:
-                            ended(req)
-                    # n > 1: the other samples fork the prompt KV (per-GPU stores cannot share)
-                    for req, reason in start_forks(plan, scheduler, kv, share=not (
-                            self.sharded and self.args.mode == "functional")):
-                        reject(req, reason)
-                        ended(req)
-                    for req in scheduler.update(plan, result, now_s):
-                        ended(req)
-                if coast:
-                    end_s = coast_decodes(self.cost_model, scheduler, now_s, loop.peek_time_s(),
-                                          stats, steps)
-                    if end_s > now_s:  # busy until the last coasted step completes
-                        busy_until_s = end_s
-                        loop.schedule(end_s, STEP_DONE, None)
-                        continue
-                busy = False
-                dispatch_soon(now_s)
-            elif event.priority == ARRIVAL:
-                req = event.payload
-                reason = None
-                if req.beam is not None and beams is not None:
-                    reason = beams.check(req)
-                if reason is None and admission.active:
-                    reason = admission.check(req, now_s, getattr(scheduler, "waiting", ()),
-                                             busy_until_s)
-                if reason is None:
-                    reason = scheduler.add(req)
-                if reason is not None:
-                    reject(req, reason)
-                    ended(req)
-                next_arrival()
-                if not busy:
-                    dispatch_soon(now_s)
-            else:
-                dispatch_pending = False
-                if busy:
-                    continue
-                plan = scheduler.schedule(now_s)
-                if plan is None and beams is not None and beams.restart_preempted():
-                    dispatch_soon(now_s)  # a search restarted: its prompt can run now
-                    continue
-                if plan is None:
-                    wake_s = self._wakeup_s(scheduler, now_s)
-                    if wake_s is not None:
-                        loop.schedule(wake_s, DISPATCH)
-                    elif scheduler.has_work() and not loop:
-                        aborted = scheduler.abort_all("stalled")
-                        for req in aborted:
-                            reject(req, "stalled: nothing was running and the request still "
-                                   "could not be scheduled within the engine's limits")
-                        for req in aborted if beams is None else beams.surface(aborted):
-                            ended(req)
-                    continue
-                busy = True
-                step_s = self._price(plan, stats) + self._swap_s(kv, stats)
-                if steps is not None:
-                    record_step(steps, plan, now_s, now_s + step_s, scheduler, kv)
-                result = executor.run(plan)
-                busy_until_s = now_s + step_s
-                loop.schedule(busy_until_s, STEP_DONE, (plan, result))
-        stats.num_preemptions = getattr(scheduler, "num_preemptions", 0)
-        summary = metrics.summary()
-        return SimulationResult(summary, metrics, kept, stats, time.perf_counter() - wall_start,
-                                self.description, steps, None if self.speculation is None
-                                else self.speculation.summary())
+        return run_engine(self, requests, keep_requests, on_finish, record_steps)
 
     def admission_control(self) -> AdmissionControl:
         a = self.args

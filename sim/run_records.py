@@ -45,12 +45,12 @@ class SimulationResult:
 
 
 def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
-                scheduler: Any, kv: KVCacheManager) -> None:
+                scheduler: Any, kv: KVCacheManager, lane: int = 0) -> None:
     decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
     computed = plan.num_new_tokens
     held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
     steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
-              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens())
+              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens(), lane)
 
 
 def reject(req: Request, reason: str) -> None:

@@ -3,8 +3,13 @@
 For each step: when it started and ended, how many sequences ran, how many prefill and decode
 tokens it computed, how many requests were still waiting, how many tokens of real KV the step's
 sequences hold after it, and how much KV capacity all requests hold (reserved, including
-reserved-but-unused). Recording is opt-in
+reserved-but-unused), and the lane that ran it. Recording is opt-in
 (`Engine.run(..., record_steps=True)`) so that long timing-only runs keep flat memory.
+
+With data or pipeline parallelism every lane's steps are recorded, in dispatch order, and the
+`lane` column says whose (`replica * pipeline_parallel_size + virtual engine`; 0 with one
+lane); steps of different lanes overlap in time, and `num_waiting` and the KV columns are the
+lane's own. `for_lane(i)` is one lane's series.
 
 References: vLLM's per-iteration scheduler stats (`vllm/v1/metrics/stats.py`); Orca (OSDI'22)
 Fig. 8-style batch composition over time.
@@ -18,20 +23,25 @@ from typing import Any
 import numpy as np
 
 COLUMNS = ("start_s", "end_s", "num_seqs", "num_prefill_tokens", "num_decode_tokens",
-           "num_waiting", "kv_used_tokens", "kv_reserved_tokens")
+           "num_waiting", "kv_used_tokens", "kv_reserved_tokens", "lane")
 
 
 @dataclass
 class StepSeries:
     """Columns of equal length, one row per engine step."""
 
-    rows: list[tuple[float, float, int, int, int, int, int, int]] = field(default_factory=list)
+    rows: list[tuple[float, float, int, int, int, int, int, int, int]] = field(
+        default_factory=list)
 
     def add(self, start_s: float, end_s: float, num_seqs: int, num_prefill_tokens: int,
             num_decode_tokens: int, num_waiting: int, kv_used_tokens: int,
-            kv_reserved_tokens: int) -> None:
+            kv_reserved_tokens: int, lane: int = 0) -> None:
         self.rows.append((start_s, end_s, num_seqs, num_prefill_tokens, num_decode_tokens,
-                          num_waiting, kv_used_tokens, kv_reserved_tokens))
+                          num_waiting, kv_used_tokens, kv_reserved_tokens, lane))
+
+    def for_lane(self, lane: int) -> StepSeries:
+        """The steps one lane ran (data or pipeline parallelism), in order."""
+        return StepSeries([row for row in self.rows if row[-1] == lane])
 
     def __len__(self) -> int:
         return len(self.rows)
