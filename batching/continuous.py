@@ -153,7 +153,9 @@ class ContinuousScheduler:
             alone = not seqs and req.num_preemptions > 0
             own_step = False
             if n > budget and not alone:
+                # only running decodes may wait a step (not a prompt, even a 1-token one)
                 if self.chunked or any(s.num_new_tokens - s.num_spec_tokens > 1
+                                       or s.start < s.request.num_prompt_tokens
                                        for s in seqs) or (
                         n > self.max_num_batched_tokens):
                     break

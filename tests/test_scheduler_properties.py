@@ -3,7 +3,7 @@ request is scheduled twice in a step, FCFS admits in arrival order, and every re
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batching import SCHEDULERS
@@ -40,6 +40,12 @@ def make_requests(specs) -> list[Request]:
     kv_tokens=st.integers(256, 2048),
 )
 @settings(max_examples=300, deadline=None)
+# found by hypothesis: a 1-token prompt admitted beside a prompt that needed a step of its own
+# lost its admission step (FCFS order broke); a preempted prompt + outputs above the budget
+@example(specs=[(1, 1, 0), (48, 1, 0)], scheduler="continuous", kv_kind="paged", chunked=False,
+         max_num_seqs=2, budget=48, kv_tokens=256)
+@example(specs=[(27, 23, 0), (27, 23, 0), (107, 23, 0)], scheduler="continuous",
+         kv_kind="paged", chunked=False, max_num_seqs=3, budget=107, kv_tokens=256)
 def test_scheduler_invariants(specs, scheduler, kv_kind, chunked, max_num_seqs, budget,
                               kv_tokens):
     if kv_kind == "none":
@@ -71,7 +77,10 @@ def test_scheduler_invariants(specs, scheduler, kv_kind, chunked, max_num_seqs, 
         ids = [s.request.request_id for s in plan.seqs]
         assert len(ids) == len(set(ids)), "a request scheduled twice in one step"
         assert len(ids) <= max_num_seqs
-        assert sum(s.num_new_tokens for s in plan.seqs) <= budget
+        # the budget holds, except for a preempted request longer than it, which recomputes
+        # alone in one step (documented in batching.continuous)
+        alone = len(plan.seqs) == 1 and plan.seqs[0].request.num_preemptions > 0
+        assert sum(s.num_new_tokens for s in plan.seqs) <= budget or alone
         if kv_kind != "none":
             assert kv.num_reserved_tokens() <= kv_tokens
         for s in plan.seqs:
