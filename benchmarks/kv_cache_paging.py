@@ -32,7 +32,14 @@ import math
 from typing import Any
 
 import numpy as np
-from common import print_table, quality_models, trace_path, write_json
+from common import (
+    KV_DTYPES,
+    eviction_settings,
+    print_table,
+    quality_models,
+    trace_path,
+    write_json,
+)
 
 from cache.prefix_workload import shared_prefix_workload
 from sim.engine import Engine
@@ -162,20 +169,6 @@ def preemption(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
-
-
-def evictions(budget: int) -> dict[str, dict[str, Any]]:
-    """KV eviction settings (`kv_eviction`) that keep `budget` tokens per request."""
-    half = budget // 2
-    return {
-        f"sliding_window {budget}": {"kv_eviction": "sliding_window",
-                                     "kv_eviction_window": budget},
-        f"streaming_llm 4+{budget - 4}": {"kv_eviction": "streaming_llm",
-                                          "kv_eviction_window": budget - 4},
-        f"h2o {half}+{half}": {"kv_eviction": "h2o", "kv_eviction_window": half,
-                               "kv_eviction_heavy": half},
-    }
 
 
 CAPACITY_BUDGET = 512  # tokens kept per request in the capacity rows (conv prompts ~1k tokens)
@@ -187,7 +180,7 @@ def capacity(n: int, dtypes: tuple[str, ...] = KV_DTYPES) -> list[dict[str, Any]
     rows = []
     trace = load_azure_trace(trace_path("conv"), limit=n)
     settings: dict[str, dict[str, Any]] = {d: {"kv_cache_dtype": d} for d in dtypes}
-    settings.update(evictions(CAPACITY_BUDGET))
+    settings.update(eviction_settings(CAPACITY_BUDGET))
     for model, hardware, _ in TARGETS:
         for name, kw in settings.items():
             wl = workload_from_trace(trace, num_requests=n, request_rate=math.inf, seed=0)
@@ -213,7 +206,7 @@ def quality(num_tokens: int, dtypes: tuple[str, ...] = KV_DTYPES) -> list[dict[s
         ref = reference_logits(model, ids)  # [n, n_vocab]
         reports = [(r.pop("kv_cache_dtype"), r) for r in kv_quality_table(model, ids, dtypes)]
         for budget in QUALITY_BUDGETS:
-            for setting, kw in evictions(budget).items():
+            for setting, kw in eviction_settings(budget).items():
                 ev = KVEviction(kw["kv_eviction"], kw["kv_eviction_window"], 4,
                                 kw.get("kv_eviction_heavy", 0))
                 reports.append((setting, eviction_quality(model, ids, ev, ref).as_dict()))

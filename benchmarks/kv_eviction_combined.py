@@ -27,29 +27,22 @@ import argparse
 import math
 from typing import Any
 
-from common import print_table, quality_models, trace_path, write_json
+from common import (
+    KV_DTYPES,
+    eviction_settings,
+    print_table,
+    quality_models,
+    trace_path,
+    write_json,
+)
 
 from sim.engine import Engine
 from sim.engine_args import EngineArgs
 from sim.workload import load_azure_trace, make_workload, workload_from_trace
 
 TARGETS = [("facebook/opt-13b", "a100-sxm4-40gb"), ("meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb")]
-KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
 CAPACITY_BUDGET = 512  # tokens kept per request (conv prompts are ~1k tokens)
 QUALITY_BUDGETS = (64, 128)  # on a 256-token evaluation text
-
-
-def policies(budget: int) -> dict[str, dict[str, Any]]:
-    """Eviction settings keeping `budget` tokens: sliding W, streaming 4 sinks + W, h2o H + W."""
-    half = budget // 2
-    return {
-        f"sliding_window {budget}": {"kv_eviction": "sliding_window",
-                                     "kv_eviction_window": budget},
-        f"streaming_llm 4+{budget - 4}": {"kv_eviction": "streaming_llm",
-                                          "kv_eviction_window": budget - 4},
-        f"h2o {half}+{half}": {"kv_eviction": "h2o", "kv_eviction_window": half,
-                               "kv_eviction_heavy": half},
-    }
 
 
 def simulate(model: str, hardware: str, workload: Any, **kwargs: Any) -> dict[str, Any]:
@@ -69,7 +62,7 @@ def capacity(n: int) -> list[dict[str, Any]]:
     trace = load_azure_trace(trace_path("conv"), limit=n)
     settings: dict[str, dict[str, Any]] = {d: {"kv_cache_dtype": d} for d in ("auto", "int8",
                                                                             "fp8_e4m3")}
-    for name, kw in policies(CAPACITY_BUDGET).items():
+    for name, kw in eviction_settings(CAPACITY_BUDGET).items():
         settings[name] = kw
         settings[f"{name} + int8"] = {**kw, "kv_cache_dtype": "int8"}
     rows = []
@@ -114,7 +107,7 @@ def quality(num_tokens: int) -> list[dict[str, Any]]:
         ref = reference_logits(model, ids)  # [n, n_vocab]
         reports = [(f"full KV {d}", d, kv_quality(model, ids, d, ref)) for d in KV_DTYPES[1:]]
         for budget in QUALITY_BUDGETS:
-            for setting, kw in policies(budget).items():
+            for setting, kw in eviction_settings(budget).items():
                 ev = KVEviction(kw["kv_eviction"], kw["kv_eviction_window"], 4,
                                 kw.get("kv_eviction_heavy", 0))
                 for dtype in KV_DTYPES:
