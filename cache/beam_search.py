@@ -63,8 +63,6 @@ class BeamGroup:
         self.finished: list[BeamSequence] = []
         self.round_times_s: list[float] = []
         self.result: list[BeamSequence] | None = None  # the best beams, once done
-        self.num_forks = 0
-        self.num_restarts = 0
         #: set by the scheduler when it preempts a beam: the search restarts after the step
         self.restart_pending = False
         self._ids = itertools.count(1)
@@ -91,7 +89,6 @@ class BeamGroup:
 
     def fork_request(self, parent: Request, token: int, cum_logprob: float) -> Request:
         """A new beam: `parent`'s sequence plus `token` (no KV of its own yet)."""
-        self.num_forks += 1
         return Request(
             request_id=f"{self.leader.request_id}_beam{next(self._ids)}", index=parent.index,
             num_prompt_tokens=parent.num_prompt_tokens, sampling=parent.sampling,
@@ -120,30 +117,29 @@ class BeamSearch:
     """The engine's beam-search hook for one run: completes rounds as steps finish."""
 
     def __init__(self, scheduler: Any, kv: KVCacheManager, release: Callable[[Request], None],
-                 share: bool, max_num_batched_tokens: int) -> None:
+                 share: bool) -> None:
         self.scheduler = scheduler
         self.kv = kv
         self.release = release  # the executor's: drops a beam's KV contents
         self.fork = getattr(kv, "fork", None) if share and kv.retains_kv else None
-        self.max_num_batched_tokens = max_num_batched_tokens
         self.groups: dict[int, BeamGroup] = {}  # searches under way, by id
 
     def check(self, req: Request) -> str | None:
         """Why this beam search could never complete here, or None."""
         width = req.sampling.n
-        max_num_seqs = getattr(self.scheduler, "max_num_seqs", width)
+        max_num_seqs = self.scheduler.max_num_seqs  # the continuous scheduler's limits
+        budget = self.scheduler.max_num_batched_tokens
         if width > max_num_seqs:
             return (f"beam width larger than max_num_seqs: {width} beams > max_num_seqs="
                     f"{max_num_seqs}; lower n or raise max_num_seqs")
-        if width > self.max_num_batched_tokens:
+        if width > budget:
             return (f"beam width larger than max_num_batched_tokens: {width} beams decode in one "
-                    f"step > {self.max_num_batched_tokens}; raise max_num_batched_tokens")
+                    f"step > {budget}; raise max_num_batched_tokens")
         longest = req.max_len(req.beam.max_model_len)
-        if (self.fork is None and longest > self.max_num_batched_tokens
-                and not getattr(self.scheduler, "chunked", False)):
+        if self.fork is None and longest > budget and not self.scheduler.chunked:
             return (f"step larger than max_num_batched_tokens: without shared KV a forked beam "
                     f"recomputes up to {longest} tokens in one step > max_num_batched_tokens="
-                    f"{self.max_num_batched_tokens}; raise it or enable chunked prefill")
+                    f"{budget}; raise it or enable chunked prefill")
         total = self.kv.usage().num_total_tokens
         reserve = getattr(self.kv, "reservation_tokens", None)  # contiguous: a slab per beam
         per_beam = reserve(req) if reserve is not None else longest
@@ -224,7 +220,6 @@ class BeamSearch:
         group.finished.clear()
         group.round_times_s.clear()
         group.restart_pending = False
-        group.num_restarts += 1
         self.scheduler.waiting.requeue(leader)
 
     def _round(self, group: BeamGroup, plan: StepPlan, now_s: float,

@@ -77,7 +77,7 @@ def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],
     if functional and speculation is None:
         for lane in lanes:  # beam-search rounds per lane: beams fork within their lane
             lane.beams = BeamSearch(lane.scheduler, lane.kv, executors[lane.replica].release,
-                                    not engine.sharded, engine.max_num_batched_tokens)
+                                    not engine.sharded)
     multi = len(lanes) > 1
     router = ROUTERS[args.data_parallel_router](dp) if multi else None
     info = ParallelStats(dp, pp, [0] * dp, [[0.0] * pp for _ in range(dp)],
