@@ -5,9 +5,9 @@
 
 from collections.abc import Callable
 
-from batching.base import Scheduler
 from batching.continuous import ContinuousScheduler
 from batching.static import DynamicScheduler, StaticScheduler
+from sim.core.protocols import Scheduler
 
 SCHEDULERS: dict[str, Callable[..., Scheduler]] = {
     "static": StaticScheduler,

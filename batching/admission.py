@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from batching.commit import StopCriteria
-from cache.base import KVCacheManager
-from sim.request import Request
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Request
 
 
 def never_runs(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batching.base import StepPlan, StepResult
-from sim.request import Logprob, Request, Status
+from sim.core.request import Logprob, Request, Status
+from sim.core.step import StepPlan, StepResult
 
 
 @dataclass(frozen=True)

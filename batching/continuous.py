@@ -27,11 +27,11 @@ from __future__ import annotations
 from typing import Any
 
 from batching.admission import never_runs
-from batching.base import ScheduledSeq, StepPlan, StepResult, shape_of
 from batching.commit import StopCriteria, commit_step, finish
 from batching.policy import WaitingQueue
-from cache.base import KVCacheManager
-from sim.request import Request, Status
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Request, Status
+from sim.core.step import ScheduledSeq, StepPlan, StepResult, shape_of
 
 
 class ContinuousScheduler:

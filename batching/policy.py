@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-from sim.request import Request
+from sim.core.request import Request
 
 POLICIES = ("fcfs", "priority", "shortest_prompt_first")
 

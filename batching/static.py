@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections import deque
 
 from batching.admission import never_runs
-from batching.base import ScheduledSeq, StepPlan, StepResult
 from batching.commit import StopCriteria, commit_step, finish
-from cache.base import KVCacheManager
-from sim.cost_model import StepShape
-from sim.errors import ConfigError
-from sim.request import Request, Status
+from sim.core.errors import ConfigError
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Request, Status
+from sim.core.step import ScheduledSeq, StepPlan, StepResult
+from sim.timing.cost_model import StepShape
 
 
 class StaticScheduler:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-layers", type=int, nargs="+", default=[10, 20, 25])
     args = parser.parse_args(argv)
 
-    from sim.real_models import SMOLLM2, is_installed, load_real_model
+    from sim.model.real_models import SMOLLM2, is_installed, load_real_model
     from speculative.acceptance import eval_prompts, measure_ngram, measure_self_speculation
 
     if not is_installed():

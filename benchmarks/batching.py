@@ -19,9 +19,9 @@ import itertools
 from common import print_table, trace_path, write_json
 from tqdm import tqdm
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import LognormalLength, load_azure_trace, make_workload, workload_from_trace
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import LognormalLength, load_azure_trace, make_workload, workload_from_trace
 
 SETUPS = [("meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb"), ("facebook/opt-13b", "a100-sxm4-40gb")]
 POLICIES = {

@@ -20,7 +20,7 @@ tokens each (`ignore_eos`, fixed lengths as in vLLM's benchmarks), beam widths /
    (prompts per second) and the run's wall time.
 
 Every beam-search setting's beams (all `w` of them) are checked against the cacheless
-`sim.reference.beam_search` for the first prompt, and paged == contiguous for every prompt, so
+`sim.model.reference.beam_search` for the first prompt, and paged == contiguous for every prompt, so
 the numbers come from correct runs. Threads: one (OPENBLAS/OMP_NUM_THREADS=1).
 
 Usage: .venv/bin/python benchmarks/beam_search.py [--quick] [--batch-prompt-lens 20 256]
@@ -47,9 +47,9 @@ import numpy as np  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 from sim import SamplingParams  # noqa: E402
-from sim.engine import Engine  # noqa: E402
-from sim.engine_args import EngineArgs  # noqa: E402
-from sim.reference import beam_search as reference_beam_search  # noqa: E402
+from sim.engine.args import EngineArgs  # noqa: E402
+from sim.engine.engine import Engine  # noqa: E402
+from sim.model.reference import beam_search as reference_beam_search  # noqa: E402
 
 MODEL, HARDWARE = "meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb"
 BLOCK_SIZE = 16

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim.calibration import calibrate, default_data_dir, format_report  # noqa: E402
+from sim.timing.calibration import calibrate, default_data_dir, format_report  # noqa: E402
 
 
 def main() -> None:

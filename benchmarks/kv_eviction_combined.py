@@ -36,9 +36,9 @@ from common import (
     write_json,
 )
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import load_azure_trace, make_workload, workload_from_trace
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
 
 TARGETS = [("facebook/opt-13b", "a100-sxm4-40gb"), ("meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb")]
 CAPACITY_BUDGET = 512  # tokens kept per request (conv prompts are ~1k tokens)
@@ -98,7 +98,7 @@ def preemption(n: int) -> list[dict[str, Any]]:
 def quality(num_tokens: int) -> list[dict[str, Any]]:
     from cache.kv_eviction import KVEviction
     from cache.kv_quality import eviction_quality, kv_quality
-    from sim.quality import eval_token_ids, reference_logits
+    from sim.model.quality import eval_token_ids, reference_logits
 
     rows = []
     for name, load in quality_models():

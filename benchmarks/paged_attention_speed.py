@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from common import print_table, write_json
 
-from cache.kv_store import ContiguousKVStore
-from cache.paged_store import PagedKVStore
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel, SeqChunk
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.paged_store import PagedKVStore
+from sim.model.zoo import resolve_model
 
 CASES = [  # (n_seq, max context, n_head, n_kv_head, d_head)
     (16, 512, 32, 32, 128),

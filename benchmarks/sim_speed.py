@@ -18,9 +18,9 @@ import time
 
 from common import print_table, trace_path, write_json
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import load_azure_trace, make_workload, workload_from_trace
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
 
 
 def measure(label: str, engine: Engine, workload, num_requests: int) -> dict:

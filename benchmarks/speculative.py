@@ -25,9 +25,9 @@ import itertools
 import numpy as np
 from common import RESULTS, print_table, trace_path, write_json
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import RequestSpec, load_azure_trace, workload_from_trace
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec, load_azure_trace, workload_from_trace
 from speculative.analysis import walltime_improvement
 
 TARGET = "meta-llama/Llama-2-7b-hf"

@@ -5,10 +5,10 @@
 
 from collections.abc import Callable
 
-from cache.base import KVCacheManager
 from cache.contiguous import ContiguousKVCache
 from cache.none import NoKVCache
 from cache.paged import PagedKVCache
+from sim.core.protocols import KVCacheManager
 
 KV_CACHES: dict[str, Callable[..., KVCacheManager]] = {
     "none": NoKVCache,

@@ -2,7 +2,7 @@
 
 A beam-search request (`SamplingParams(n=w, use_beam_search=True)`) starts as one sequence, the
 submitted request, which computes the prompt like any other. Each step in which every live beam
-of the prompt has sampled completes a *round* (`sim.beam_search.next_beams`, on the `2w`
+of the prompt has sampled completes a *round* (`sim.model.beam_search.next_beams`, on the `2w`
 log-probabilities each beam's step reported):
 
 - a live beam chosen once continues with its chosen token;
@@ -37,11 +37,10 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from batching.base import StepPlan, StepResult
-from cache.base import KVCacheManager
-from sim.beam_search import BeamSequence, best_beams, next_beams
-from sim.request import Logprob, Request, Status
-from sim.run_records import reject
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Logprob, Request, Status, reject
+from sim.core.step import StepPlan, StepResult
+from sim.model.beam_search import BeamSequence, best_beams, next_beams
 
 Entry = tuple[float, dict[int, Logprob]]
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sim.errors import InfersimError
+from sim.core.errors import InfersimError
 
 #: the parent hash of a sequence's first block
 ROOT_HASH = hashlib.sha256(b"infersim-prefix-cache-v1").digest()

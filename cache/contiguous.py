@@ -19,9 +19,9 @@ Yu et al., OSDI'22 (Orca); NVIDIA FasterTransformer.
 
 from __future__ import annotations
 
-from cache.usage import KVMemoryUsage
-from sim.errors import InfersimError
-from sim.request import Request
+from sim.core.errors import InfersimError
+from sim.core.request import Request
+from sim.core.usage import KVMemoryUsage
 
 RESERVATIONS = ("max_len", "pow2", "oracle")
 

@@ -8,7 +8,7 @@ non-recent position with the least accumulated score (the oldest on a tie) is ev
 
 Two implementations of the same policy:
 
-- `h2o_attend_slots` (what the engine runs, over `cache.paged_store.PagedKVStore`): the kept
+- `h2o_attend_slots` (what the engine runs, over `sim.model.paged_store.PagedKVStore`): the kept
   K/V live in the first *slots* of the sequence's block table (slot `i` is token offset `i`
   through the table, not position `i`), with a per-layer slot -> position map in `H2OSlots`.
   Every layer keeps exactly `min(num_tokens, budget)` positions after each token, so all layers
@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.paged_store import PagedKVStore
+from sim.model.paged_store import PagedKVStore
 
 
 def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                      allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`sim.layers.attention` with an explicit mask `[n_q, n_k]`; also returns the attention
+    """`sim.model.layers.attention` with an explicit mask `[n_q, n_k]`; also returns the attention
     probabilities summed over query heads `[n_q, n_k]` (H2O's scores)."""
     n_q, n_head, d_head = q.shape
     n_kv_head = k.shape[1]

@@ -15,7 +15,7 @@ attention read only the kept positions. Every query is treated as if decoded tok
 prompt token at position p sees what a decode step at p would), so prefill and decode agree and
 teacher-forced quality measures equal what generation sees.
 
-All three release evicted KV back to the block pool over the paged store (`cache.paged_store`):
+All three release evicted KV back to the block pool over the paged store (`sim.model.paged_store`):
 
 - Sliding window and StreamingLLM keep a prefix of sinks and a suffix window, indexed by
   position: the paged manager releases every block that lies entirely past the sinks and before
@@ -31,7 +31,7 @@ Over a contiguous store (`EvictingModel.forward`, `cache.kv_quality.eviction_log
 block_size=None)`) nothing is freed: evicted positions stay in the store and are masked out.
 That path is the reference the paged paths are tested against.
 
-Eviction composes with 8-bit KV (`kv_cache_dtype`, `cache.kv_quant`): the paged store keeps
+Eviction composes with 8-bit KV (`kv_cache_dtype`, `sim.model.kv_quant`): the paged store keeps
 codes and per-token, per-head scales, `read_positions` and H2O's slot reads decode, and
 `compact` moves the scales with the codes, so attention reads exactly the quantize-dequantized
 K/V a contiguous store with the same codec keeps. It also composes with swap preemption: the
@@ -57,10 +57,10 @@ from typing import Any
 import numpy as np
 
 from cache.h2o import H2OMasked, H2OSlots, h2o_attend_masked, h2o_attend_slots, masked_attention
-from cache.kv_quant import KVCodec
-from cache.kv_store import KVStore
-from cache.paged_store import PagedKVStore
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
+from sim.core.protocols import KVStore
+from sim.model.kv_quant import KVCodec
+from sim.model.paged_store import PagedKVStore
 
 KV_EVICTION_POLICIES = ("sliding_window", "streaming_llm", "h2o")
 
@@ -168,9 +168,9 @@ class EvictingModel:
                 codec: KVCodec | None = None) -> np.ndarray:
         """Logits `[n, n_vocab]` of one sequence under eviction, masked over a throwaway
         contiguous store (the reference the paged paths are tested against); with a `codec`
-        (`cache.kv_quant`) the store keeps each K/V vector quantized and dequantized."""
-        from cache.kv_store import ContiguousKVStore
-        from sim.numpy_model import SeqChunk
+        (`sim.model.kv_quant`) the store keeps each K/V vector quantized and dequantized."""
+        from sim.model.kv_store import ContiguousKVStore
+        from sim.model.numpy_model import SeqChunk
 
         c = self.config
         ids = np.asarray(token_ids, dtype=np.int64)  # [n]

@@ -1,8 +1,8 @@
 """The quality cost of a lossy KV cache, measured on the functional model.
 
 `kv_quality(model, token_ids, kv_cache_dtype)` teacher-forces a text through the model with its
-K/V stored in a paged store of that dtype (`cache.kv_quant`) and compares the next-token
-distributions with the unmodified model's (`sim.quality`: perplexity, KL, top-1 agreement).
+K/V stored in a paged store of that dtype (`sim.model.kv_quant`) and compares the next-token
+distributions with the unmodified model's (`sim.model.quality`: perplexity, KL, top-1 agreement).
 `kv_quality_table` does it for several settings and adds each one's KV capacity on a target GPU,
 the capacity-quality trade-off in one table. `eviction_quality` measures KV eviction
 (`cache.kv_eviction`), alone or combined with an 8-bit `kv_cache_dtype`, against full-precision,
@@ -11,7 +11,7 @@ full KV.
 Per-token, per-head scales make the stored values independent of how the text is chunked, so
 one prefill gives the logits token-by-token decoding would (up to float rounding, ~1e-15).
 
-References: `sim.quality` (metrics); Hooper et al. 2024 (KVQuant) and Liu et al. 2024 (KIVI) for
+References: `sim.model.quality` (metrics); Hooper et al. 2024 (KVQuant) and Liu et al. 2024 (KIVI) for
 this evaluation of KV quantization.
 """
 
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from cache.kv_eviction import EvictingModel, KVEviction
-from cache.kv_quant import kv_codec
-from cache.kv_store import ContiguousKVStore
-from cache.paged_store import PagedKVStore
-from sim.numpy_model import NumpyModel
-from sim.quality import QualityReport, compare, reference_logits, teacher_forced_logits
+from sim.model.kv_quant import kv_codec
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel
+from sim.model.paged_store import PagedKVStore
+from sim.model.quality import QualityReport, compare, reference_logits, teacher_forced_logits
 
 
 def kv_logits(model: NumpyModel, token_ids: Sequence[int] | np.ndarray,

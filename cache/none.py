@@ -11,8 +11,8 @@ caching; Karpathy's picoGPT.
 
 from __future__ import annotations
 
-from cache.usage import KVMemoryUsage
-from sim.request import Request
+from sim.core.request import Request
+from sim.core.usage import KVMemoryUsage
 
 
 class NoKVCache:

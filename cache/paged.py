@@ -37,9 +37,9 @@ from cache.block_pool import BlockPool
 from cache.kv_eviction import KVEviction
 from cache.prefix_index import PrefixIndex
 from cache.swap_space import SwapSpace
-from cache.usage import KVMemoryUsage
-from sim.errors import InfersimError
-from sim.request import Request
+from sim.core.errors import InfersimError
+from sim.core.request import Request
+from sim.core.usage import KVMemoryUsage
 
 PREEMPTION_MODES = ("recompute", "swap")
 

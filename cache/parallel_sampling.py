@@ -27,9 +27,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from batching.base import Scheduler, StepPlan
-from cache.base import KVCacheManager
-from sim.request import Request, SamplingParams
+from sim.core.protocols import KVCacheManager, Scheduler
+from sim.core.request import Request, SamplingParams
+from sim.core.step import StepPlan
 
 
 def sample_params(params: SamplingParams, index: int) -> SamplingParams:

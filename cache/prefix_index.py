@@ -14,8 +14,8 @@ References: Kwon et al., SOSP'23 (PagedAttention) section 4.4 (shared prefixes);
 from __future__ import annotations
 
 from cache.block_pool import ROOT_HASH, BlockPool, block_hashes
-from sim.errors import InfersimError
-from sim.request import Request
+from sim.core.errors import InfersimError
+from sim.core.request import Request
 
 
 class PrefixIndex:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 
-from sim.errors import InfersimError
+from sim.core.errors import InfersimError
 
 
 class SwapSpace:

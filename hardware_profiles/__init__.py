@@ -1,4 +1,4 @@
-"""Hardware profiles: one TOML file per device; `sim.hardware` reads them."""
+"""Hardware profiles: one TOML file per device; `sim.timing.hardware` reads them."""
 
 from pathlib import Path
 

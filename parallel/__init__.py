@@ -5,8 +5,8 @@
 - `parallel.cost`: `ParallelCostModel` (per-GPU compute + communication, pipeline stages);
 - `parallel.tensor`, `parallel.pipeline`, `parallel.expert`, `parallel.sharded_kv`: the sharded
   NumPy model, its per-GPU KV stores and executor;
-- `parallel.data`: DP routers (`ROUTERS`); `parallel.runner`: lanes and the stage clock for the engine loop;
-- `parallel.planner`: `infersim plans`.
+- `parallel.data`: DP routers (`ROUTERS`); `sim.engine.lanes`: lanes and the stage clock for the engine loop;
+- `sim.engine.planner`: `infersim plans`.
 """
 
 from parallel.data import ROUTERS

@@ -3,7 +3,7 @@
 Every primitive is a sequence of point-to-point steps, each priced by the profile's
 `Link.transfer_s(bytes, efficiency)` = `latency_s + bytes / (bandwidth_bytes_per_s x efficiency)`
 (Hockney's alpha-beta model), with the efficiency the profile's `gpu_link_bandwidth` (fitted for
-A100 NVLink against Vidur's measured all-reduce times, see `sim.calibration.fit_all_reduce`).
+A100 NVLink against Vidur's measured all-reduce times, see `sim.timing.calibration.fit_all_reduce`).
 For `n` GPUs and a buffer of `S` bytes:
 
     ring all-reduce      2 (n - 1) steps of S / n     (reduce-scatter then all-gather)
@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sim.errors import ConfigError
-from sim.hardware import HardwareProfile, Link
+from sim.core.errors import ConfigError
+from sim.timing.hardware import HardwareProfile, Link
 
 __all__ = ["Collectives", "ring_all_reduce_s", "tree_all_reduce_s"]
 

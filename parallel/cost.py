@@ -1,6 +1,6 @@
 """The timing of a parallel step: per-GPU compute from `CostModel` plus priced communication.
 
-`ParallelCostModel` wraps a `sim.cost_model.CostModel` built with `tensor_parallel_size = tp`
+`ParallelCostModel` wraps a `sim.timing.cost_model.CostModel` built with `tensor_parallel_size = tp`
 (which already divides every GEMM, head and KV read over the tensor-parallel GPUs) and adds the
 `comm` part, all collectives over the profile's `gpu_link` (`parallel.collectives`), with no
 overlap of communication and compute (vLLM's default: the all-reduce sits on the critical path).
@@ -19,7 +19,7 @@ For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = 
 - **PP**: each stage runs its contiguous layers (the LM head and sampler on the last); a
   micro-batch crosses pp - 1 stage boundaries, each a send/recv of the hidden state and the
   residual ([T, E] twice, as vLLM's IntermediateTensors). `stage_times_s` gives each stage's
-  busy time, which the engine loop (`parallel.runner.StageClock`) overlaps across micro-batches.
+  busy time, which the engine loop (`sim.engine.lanes.StageClock`) overlaps across micro-batches.
 
 `step_time_s` is one micro-batch's latency through every stage (compute + comm + overhead).
 
@@ -35,11 +35,11 @@ from typing import Any
 
 from parallel.collectives import Collectives
 from parallel.plan import ParallelPlan, padded_vocab, stage_layers
-from sim.cost_model import DEFAULT_STEP_OVERHEAD_S, CostModel
-from sim.errors import ConfigError
-from sim.hardware import HardwareProfile
-from sim.model_config import ModelConfig
-from sim.step_shape import StepCost, StepShape
+from sim.core.errors import ConfigError
+from sim.core.model_config import ModelConfig
+from sim.core.step_shape import StepCost, StepShape
+from sim.timing.cost_model import DEFAULT_STEP_OVERHEAD_S, CostModel
+from sim.timing.hardware import HardwareProfile
 
 _HEAD_PARTS = ("lm_head", "sampling")  # run on the last pipeline stage
 

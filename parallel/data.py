@@ -13,7 +13,7 @@ outstanding (routed and not yet finished) at that instant, and returns a replica
   balance threshold of SGLang's cache-aware router). Without token ids (timing-only traces)
   it falls back to least outstanding.
 
-Every replica runs in the engine's one event loop (`sim.engine_loop`, lanes in `parallel.runner`).
+Every replica runs in the engine's one event loop (`sim.engine.loop`, lanes in `sim.engine.lanes`).
 
 References: vLLM `vllm/v1/engine/core_client.py` (DP load balancing by outstanding requests);
 SGLang router (cache-aware routing with a balance threshold, 2024); Srivatsa et al. 2024
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sim.errors import ConfigError
-from sim.request import Request
+from sim.core.errors import ConfigError
+from sim.core.request import Request
 
 
 class RoundRobinRouter:

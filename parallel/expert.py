@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim import layers as L
-from sim.errors import ConfigError
-from sim.model_weights import MoEWeights
+from sim.core.errors import ConfigError
+from sim.model import layers as L
+from sim.model.weights import MoEWeights
 
 
 def expert_groups(n_expert: int, ep: int) -> list[range]:

@@ -6,7 +6,7 @@ cache, the first stage also the embedding and the last the final norm and LM hea
 stage boundary the micro-batch's hidden state is sent to the next stage: here a real copy into
 the next stage's buffer, counted by `StageLink` (transfers and bytes), which the timing side
 prices as a send/recv over the GPU link (`ParallelCostModel.send_recv_s`). Several micro-batches
-in flight, and the bubble they leave, are the engine loop's business (`parallel.runner.StageClock`).
+in flight, and the bubble they leave, are the engine loop's business (`sim.engine.lanes.StageClock`).
 
 References: Huang et al. 2019 (GPipe); Narayanan et al. 2019/2021 (PipeDream, PTD-P); vLLM
 `vllm/distributed/parallel_state.py` (pipeline send/recv of IntermediateTensors).

@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sim.dtypes import canonical_dtype, dtype_bytes
-from sim.errors import ConfigError, DoesNotFitError
-from sim.hardware import HardwareProfile
-from sim.memory_plan import (
+from sim.core.dtypes import canonical_dtype, dtype_bytes
+from sim.core.errors import ConfigError, DoesNotFitError
+from sim.core.model_config import ModelConfig
+from sim.timing.hardware import HardwareProfile
+from sim.timing.memory_plan import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     GIB,
@@ -39,7 +40,6 @@ from sim.memory_plan import (
     activation_peak_bytes,
     plan_memory,
 )
-from sim.model_config import ModelConfig
 
 MAX_NODE_GPUS = 8  # plans suggested in "does not fit" messages stay within one 8-GPU node
 
@@ -271,7 +271,7 @@ def candidate_plans(model: ModelConfig, num_gpus: int, max_gpus: bool = False
 
 def plan_gpu_memory(plan: ParallelPlan, model: ModelConfig, hardware: HardwareProfile,
                     **kwargs: Any) -> MemoryPlan:
-    """One GPU's `MemoryPlan` under `plan` (`sim.memory_plan.plan_memory` for one GPU per
+    """One GPU's `MemoryPlan` under `plan` (`sim.timing.memory_plan.plan_memory` for one GPU per
     replica, the binding stage of `plan.check` otherwise); a model that does not fit on one GPU
     raises `DoesNotFitError` listing the plans that fit."""
     if plan.tp * plan.pp > 1:

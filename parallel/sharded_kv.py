@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from cache.kv_store import ContiguousKVStore
 from parallel.tensor import ShardedModel
-from sim.errors import ConfigError
-from sim.numpy_executor import NumpyExecutor
-from sim.numpy_model import NumpyModel
+from sim.core.errors import ConfigError
+from sim.executor.functional import NumpyExecutor
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel
 
 
 class RankedKVStore:

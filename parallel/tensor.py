@@ -36,10 +36,10 @@ import numpy as np
 from parallel.expert import ExpertLoad, expert_groups, moe_rank_outputs
 from parallel.pipeline import StageLink, stage_of_layer
 from parallel.plan import ParallelPlan, stage_layers
-from sim import layers as L
-from sim.errors import ConfigError
-from sim.model_weights import DenseMLPWeights, LayerWeights, MoEWeights
-from sim.numpy_model import NumpyModel, SeqChunk
+from sim.core.errors import ConfigError
+from sim.model import layers as L
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.weights import DenseMLPWeights, LayerWeights, MoEWeights
 
 
 def all_reduce(parts: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,7 +1,7 @@
 """infersim: real tokens and simulated time in one run.
 
 `from sim import LLM, SamplingParams` is the front door (vLLM's names). The package stays light:
-names are imported on first use, so `import sim.request` does not pull in the engine.
+names are imported on first use, so `import sim.core.request` does not pull in the engine.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
-    "LLM": "sim.llm",
-    "SamplingParams": "sim.request",
-    "RequestOutput": "sim.request",
-    "CompletionOutput": "sim.request",
-    "ModelConfig": "sim.model_config",
-    "resolve_model": "sim.model_zoo",
+    "LLM": "sim.engine.llm",
+    "SamplingParams": "sim.core.request",
+    "RequestOutput": "sim.core.request",
+    "CompletionOutput": "sim.core.request",
+    "ModelConfig": "sim.core.model_config",
+    "resolve_model": "sim.model.zoo",
 }
 
 __all__ = sorted(_LAZY)

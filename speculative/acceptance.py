@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from cache.kv_store import ContiguousKVStore
-from sim.errors import ConfigError
-from sim.model_weights import ModelWeights
-from sim.numpy_model import NumpyModel, SeqChunk
+from sim.core.errors import ConfigError
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.weights import ModelWeights
 
 TRACE_FORMAT = "infersim-acceptance-trace"
 Proposer = Callable[[list[int], int], list[int]]
@@ -318,7 +318,7 @@ def measure_self_speculation(model: NumpyModel, prompts: Sequence[Sequence[int]]
 def eval_prompts(tokenizer: Any, num_prompts: int = 4, prompt_len: int = 64) -> list[list[int]]:
     """`num_prompts` windows of `prompt_len` tokens of the project's evaluation text, evenly
     spaced (real language prompts for acceptance measurements)."""
-    from sim.quality import eval_token_ids
+    from sim.model.quality import eval_token_ids
 
     ids = eval_token_ids(tokenizer)
     if prompt_len < 1 or prompt_len > len(ids):

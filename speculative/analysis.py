@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 
 
 def expected_tokens_per_step(a: float, k: int) -> float:

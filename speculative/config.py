@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sim.errors import ConfigError, suggest
+from sim.core.errors import ConfigError, suggest
 
 METHODS = ("draft_model", "ngram")
 

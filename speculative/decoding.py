@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from batching.base import StepPlan, StepResult
-from sim.cost_model import CostModel
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.request import Request
+from sim.core.errors import ConfigError
+from sim.core.request import Request
+from sim.core.step import StepPlan, StepResult
+from sim.model.zoo import resolve_model
+from sim.timing.cost_model import CostModel
 from speculative.analysis import AdaptiveK, cost_ratio
 from speculative.config import SpeculativeConfig
 
@@ -114,7 +114,7 @@ class Speculation:
             if cfg.draft_noise_scale is not None:
                 draft = noisy_model(draft, cfg.draft_noise_scale, cfg.draft_seed)
         else:
-            from sim.proxy import load_functional_model
+            from sim.model.proxy import load_functional_model
 
             assert cfg.model is not None  # a draft model needs a model or a controlled proxy
             draft, _ = load_functional_model(cfg.model, dtype=engine.args.functional_dtype)

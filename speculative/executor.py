@@ -22,15 +22,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from batching.base import StepPlan, StepResult
-from cache.base import KVCacheManager
-from cache.kv_store import ContiguousKVStore
-from cache.paged_store import PagedKVStore
-from sim.errors import InfersimError
-from sim.numpy_executor import NumpyExecutor
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.request import Request
-from sim.sampling import sample_token, sampling_probs, token_logprobs
+from sim.core.errors import InfersimError
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Request
+from sim.core.step import StepPlan, StepResult
+from sim.executor.functional import NumpyExecutor
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.paged_store import PagedKVStore
+from sim.model.sampling import sample_token, sampling_probs, token_logprobs
 from speculative.acceptance import AcceptanceReplay
 from speculative.tree import tree_chunk_layout, tree_verify_greedy, tree_verify_sampled
 from speculative.tree_proposer import TreeDraft

@@ -28,12 +28,12 @@ from typing import Protocol
 
 import numpy as np
 
-from cache.kv_store import ContiguousKVStore
-from sim.errors import ConfigError
-from sim.model_weights import DictSource, build_weights
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.request import Request
-from sim.sampling import sampling_probs
+from sim.core.errors import ConfigError
+from sim.core.request import Request
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.sampling import sampling_probs
+from sim.model.weights import DictSource, build_weights
 from speculative.acceptance import ngram_propose
 from speculative.verify import draw
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
 from speculative.verify import accept_prob, draw, residual_probs
 
 

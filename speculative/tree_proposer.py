@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.errors import ConfigError
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.request import Request
-from sim.sampling import sampling_probs
+from sim.core.errors import ConfigError
+from sim.core.request import Request
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.sampling import sampling_probs
 from speculative.proposers import DraftModelProposer
 from speculative.tree import TreeShape, ancestors_mask, depths
 from speculative.verify import draw

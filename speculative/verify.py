@@ -13,7 +13,7 @@ distribution `p_i` at every draft position plus one more, `p_{k+1}`, after the l
   distributed exactly as `p` (min(p, q) + (1 - sum min(p, q)) * residual = p). A deterministic
   draft (n-gram lookup) is the case `q_i = one-hot(x_i)`: kept with probability `p_i(x_i)`.
 
-`p` is `sim.sampling.sampling_probs(logits, params)`, the very distribution the target samples
+`p` is `sim.model.sampling.sampling_probs(logits, params)`, the very distribution the target samples
 from, so temperature, top-k and top-p compose exactly. Every random draw comes from the request's
 own `np.random.Generator` (one `rng.random()` per accept test and per emitted sample).
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim.errors import ConfigError
-from sim.request import SamplingParams
-from sim.sampling import sampling_probs
+from sim.core.errors import ConfigError
+from sim.core.request import SamplingParams
+from sim.model.sampling import sampling_probs
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +82,7 @@ def residual_probs(p: np.ndarray, q: np.ndarray | None, token_id: int) -> np.nda
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from `probs` `[n_vocab]` with one uniform (as `sim.sampling.sample_token`)."""
+    """One token from `probs` `[n_vocab]` with one uniform (as `sim.model.sampling.sample_token`)."""
     cdf = np.cumsum(probs)  # [n_vocab]
     u = rng.random() * cdf[-1]
     return int(min(np.searchsorted(cdf, u, side="right"), cdf.size - 1))

@@ -21,6 +21,6 @@ def conv_trace():
     path = SHARED / "traces" / "azure_llm_2023_conv.csv"
     if not path.exists():
         pytest.skip(f"the Azure conv trace is not at {path} (it lives in ../shared/traces/)")
-    from sim.workload import load_azure_trace
+    from sim.workload.specs import load_azure_trace
 
     return load_azure_trace(path)

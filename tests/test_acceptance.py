@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel
-from sim.proxy import tiny_proxy_config
-from sim.reference import generate
+from sim.core.errors import ConfigError
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import tiny_proxy_config
+from sim.model.reference import generate
+from sim.model.zoo import resolve_model
 from speculative.acceptance import (
     AcceptanceReplay,
     AcceptanceTrace,

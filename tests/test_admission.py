@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.request import Status
-from sim.workload import RequestSpec, make_workload
+from sim.core.errors import ConfigError
+from sim.core.request import Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec, make_workload
 
 
 def run(specs, **kwargs):

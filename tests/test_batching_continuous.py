@@ -7,12 +7,12 @@ import math
 import pytest
 
 from sim import LLM, SamplingParams
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.reference import generate
-from sim.request import Status
-from sim.workload import RequestSpec, make_workload
+from sim.core.errors import ConfigError
+from sim.core.request import Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.reference import generate
+from sim.workload.specs import RequestSpec, make_workload
 
 
 def timing(specs, record_steps=False, **kwargs):
@@ -138,7 +138,7 @@ def test_bad_policy_arguments():
 def test_no_stall_under_kv_pressure(conv_trace, options):
     """200 conversation requests at once on the default paged KV: memory runs out, long prompts
     cannot fit beside the decodes, preemptions happen; every request still ends."""
-    from sim.workload import workload_from_trace
+    from sim.workload.specs import workload_from_trace
 
     engine = Engine(EngineArgs(mode="timing", **options))
     result = engine.run(workload_from_trace(conv_trace, num_requests=200, request_rate=math.inf))
@@ -149,7 +149,7 @@ def test_no_stall_under_kv_pressure(conv_trace, options):
 def test_watermark_keeps_room_to_grow(conv_trace):
     """vLLM v0's watermark: admitting only while 1% (here 10%) of the KV pool stays free leaves
     the running requests room to grow, so fewer of them are preempted."""
-    from sim.workload import workload_from_trace
+    from sim.workload.specs import workload_from_trace
 
     def preemptions(watermark):
         engine = Engine(EngineArgs(mode="timing", kv_watermark=watermark,
@@ -165,7 +165,7 @@ def test_watermark_keeps_room_to_grow(conv_trace):
 def test_coasting_a_prompt_whose_last_chunk_is_one_token(conv_trace):
     """A chunked prompt can end with a 1-token chunk that looks like a decode to the timing
     fast path; its first token time must still be stamped (found on the Azure trace)."""
-    from sim.workload import workload_from_trace
+    from sim.workload.specs import workload_from_trace
 
     def run(coast):
         engine = Engine(EngineArgs(mode="timing", enable_chunked_prefill=True))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.request import Status
-from sim.workload import RequestSpec, make_workload
+from sim.core.errors import ConfigError
+from sim.core.request import Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec, make_workload
 
 
 def run(specs, **kwargs):
@@ -59,7 +59,7 @@ def test_bad_batching_options():
 
 
 def test_dynamic_greedy_tokens_equal_reference():
-    from sim.reference import generate
+    from sim.model.reference import generate
 
     engine = Engine(EngineArgs(scheduler="dynamic", dtype="float64", max_num_seqs=4,
                                preferred_batch_sizes=(2,), max_queue_delay_s=0.01))

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim import LLM, SamplingParams
-from sim.beam_search import BeamSearchParams
-from sim.errors import ConfigError
-from sim.reference import beam_search as reference_beam_search
-from sim.reference import generate
-from sim.sampling import log_softmax
+from sim.core.errors import ConfigError
+from sim.model.beam_search import BeamSearchParams
+from sim.model.reference import beam_search as reference_beam_search
+from sim.model.reference import generate
+from sim.model.sampling import log_softmax
 
 RNG = np.random.default_rng(3)
 PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()} for n in (7, 19, 33)]

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from cache.paged import PagedKVCache
-from cache.prefix_workload import shared_prefix_workload
 from sim import LLM, SamplingParams
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.executor import TimingExecutor
-from sim.request import Request, Status
-from sim.workload import make_workload
+from sim.core.request import Request, Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.executor.timing import TimingExecutor
+from sim.workload.shared_prefix import shared_prefix_workload
+from sim.workload.specs import make_workload
 
 RNG = np.random.default_rng(0)
 SYSTEM = RNG.integers(1, 200, 37).tolist()

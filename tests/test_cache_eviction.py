@@ -13,18 +13,18 @@ import pytest
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quality import eviction_logits, eviction_quality
 from cache.paged import PagedKVCache
-from cache.paged_store import PagedKVStore
 from sim import LLM, SamplingParams
-from sim.cli import build_parser, engine_args_from
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError, InfersimError
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.proxy import load_functional_model
-from sim.quality import eval_token_ids, reference_logits, teacher_forced_logits
-from sim.request import Request
-from sim.sampling import SamplingParams as SP
-from sim.workload import make_workload
+from sim.cli.main import build_parser, engine_args_from
+from sim.core.errors import ConfigError, InfersimError
+from sim.core.request import Request
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.paged_store import PagedKVStore
+from sim.model.proxy import load_functional_model
+from sim.model.quality import eval_token_ids, reference_logits, teacher_forced_logits
+from sim.model.sampling import SamplingParams as SP
+from sim.workload.specs import make_workload
 
 RNG = np.random.default_rng(0)
 PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()} for n in (9, 21, 40)]
@@ -94,8 +94,8 @@ def test_h2o_keeps_its_budget_and_the_recent_window(proxy):
     ids = np.asarray(eval_token_ids(tokenizer, 50))
     ev = KVEviction("h2o", 5, heavy=7)
     evicting = EvictingModel(model, ev)
-    from cache.kv_store import ContiguousKVStore
-    from sim.numpy_model import SeqChunk
+    from sim.model.kv_store import ContiguousKVStore
+    from sim.model.numpy_model import SeqChunk
 
     c = model.config
     store = ContiguousKVStore(c.n_layer, c.n_kv_head, c.d_head, model.dtype)

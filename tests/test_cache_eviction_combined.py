@@ -14,17 +14,17 @@ import pytest
 
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quality import eviction_logits, eviction_quality
-from cache.kv_quant import KVCodec, kv_codec
 from cache.paged import PagedKVCache
-from cache.paged_store import PagedKVStore
 from sim import LLM, SamplingParams
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.proxy import load_functional_model
-from sim.quality import eval_token_ids, reference_logits
-from sim.request import Request
-from sim.sampling import SamplingParams as SP
-from sim.workload import make_workload
+from sim.core.request import Request
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.kv_quant import KVCodec, kv_codec
+from sim.model.paged_store import PagedKVStore
+from sim.model.proxy import load_functional_model
+from sim.model.quality import eval_token_ids, reference_logits
+from sim.model.sampling import SamplingParams as SP
+from sim.workload.specs import make_workload
 
 RNG = np.random.default_rng(3)
 PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()}

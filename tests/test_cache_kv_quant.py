@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 
 from cache.kv_quality import kv_logits, kv_quality_table
-from cache.kv_quant import KVCodec, kv_codec
-from cache.kv_store import ContiguousKVStore
-from cache.paged_store import PagedKVStore
 from sim import LLM, SamplingParams
-from sim.cli import build_parser, engine_args_from
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.proxy import load_functional_model
-from sim.quality import eval_token_ids
-from sim.quantization.formats import E4M3, E5M2, fake_quant_fp8_rows, fake_quant_int8_rows
+from sim.cli.main import build_parser, engine_args_from
+from sim.core.errors import ConfigError
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.kv_quant import KVCodec, kv_codec
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.paged_store import PagedKVStore
+from sim.model.proxy import load_functional_model
+from sim.model.quality import eval_token_ids
+from sim.model.quantization.formats import E4M3, E5M2, fake_quant_fp8_rows, fake_quant_int8_rows
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((7, 3, 16)) * np.exp(RNG.standard_normal((7, 3, 1)))  # [n, n_kv, d]

@@ -8,11 +8,11 @@ import pytest
 
 from cache.block_pool import BlockPool, block_hashes
 from cache.contiguous import ContiguousKVCache
-from cache.kv_store import ContiguousKVStore
 from cache.paged import PagedKVCache
-from cache.paged_store import PagedKVStore
-from sim.errors import InfersimError
-from sim.request import Request, SamplingParams
+from sim.core.errors import InfersimError
+from sim.core.request import Request, SamplingParams
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.paged_store import PagedKVStore
 
 
 def req(rid: str, ids: list[int] | None = None, n: int = 10, max_tokens: int = 8) -> Request:
@@ -171,8 +171,8 @@ def test_paged_store_reads_what_contiguous_store_reads(block_size):
 @pytest.mark.parametrize("window", [None, 5])
 def test_paged_gather_gives_identical_decode_attention(window):
     """The one-gather padded batch equals the per-sequence read path bit for bit."""
-    from sim.model_zoo import resolve_model
-    from sim.numpy_model import NumpyModel, SeqChunk
+    from sim.model.numpy_model import NumpyModel, SeqChunk
+    from sim.model.zoo import resolve_model
 
     rng = np.random.default_rng(1)
     cfg = resolve_model("meta-llama/Llama-2-7b-hf").replace(n_layer=1, n_head=4, n_kv_head=2,

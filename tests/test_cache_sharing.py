@@ -15,10 +15,10 @@ import pytest
 from cache.paged import PagedKVCache
 from cache.parallel_sampling import sample_params
 from sim import LLM, SamplingParams
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError, InfersimError
-from sim.request import Request
+from sim.core.errors import ConfigError, InfersimError
+from sim.core.request import Request
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
 
 RNG = np.random.default_rng(3)
 PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()} for n in (29, 16, 7)]

@@ -31,7 +31,7 @@ from hypothesis.stateful import (
 
 from cache.kv_eviction import KV_EVICTION_POLICIES, KVEviction
 from cache.paged import PagedKVCache
-from sim.request import Request, SamplingParams
+from sim.core.request import Request, SamplingParams
 
 BLOCK = 4
 NUM_BLOCKS = 12

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sim.calibration import (
+from sim.timing.calibration import (
     FIT_KEYS,
     GPU_PROFILES,
     MEASURED_OPS,
@@ -21,8 +21,8 @@ from sim.calibration import (
     predict_s,
     profile_params,
 )
-from sim.cost_model import CostModel
-from sim.hardware import load_profile
+from sim.timing.cost_model import CostModel
+from sim.timing.hardware import load_profile
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(

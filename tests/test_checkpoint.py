@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from sim.checkpoint import CheckpointReader, bf16_to_float32
-from sim.errors import ConfigError
-from sim.model_config import ModelConfig
-from sim.numpy_model import NumpyModel
-from sim.proxy import load_functional_model
+from sim.core.errors import ConfigError
+from sim.core.model_config import ModelConfig
+from sim.model.checkpoint import CheckpointReader, bf16_to_float32
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import load_functional_model
 from tests.checkpoints import float_to_bf16_bits, write_checkpoint, write_safetensors
 
 BASE: dict[str, Any] = dict(name="t", n_layer=2, n_embd=16, n_head=4, n_kv_head=2, d_head=4, n_inner=24,

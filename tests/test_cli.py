@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sim.cli import main
+from sim.cli.main import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -82,10 +82,10 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(capsys, argv, match):
 
 
 def test_help_explains_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "sim.cli", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "sim.cli.main", "--help"], capture_output=True,
                             text=True, check=True)
     for command in ("simulate", "demo", "kv-memory", "models", "profiles"):
         assert command in result.stdout
-    result = subprocess.run([sys.executable, "-m", "sim.cli", "simulate", "--help"],
+    result = subprocess.run([sys.executable, "-m", "sim.cli.main", "simulate", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--request-rate" in result.stdout and "--kv-cache" in result.stdout

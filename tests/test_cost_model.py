@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.cost_model import CostModel, StepCost, StepShape
-from sim.errors import ConfigError
-from sim.hardware import load_profile
-from sim.model_zoo import resolve_model
-from sim.roofline import expected_experts_hit
+from sim.core.errors import ConfigError
+from sim.model.zoo import resolve_model
+from sim.timing.cost_model import CostModel, StepCost, StepShape
+from sim.timing.hardware import load_profile
+from sim.timing.roofline import expected_experts_hit
 
 A100 = load_profile("a100-sxm4-80gb")
 H100 = load_profile("h100-sxm")

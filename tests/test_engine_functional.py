@@ -14,11 +14,11 @@ import math
 import numpy as np
 import pytest
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.reference import generate
-from sim.request import SamplingParams, Status
-from sim.workload import make_workload
+from sim.core.request import SamplingParams, Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.reference import generate
+from sim.workload.specs import make_workload
 
 MODEL = "meta-llama/Llama-2-7b-hf"
 
@@ -121,7 +121,7 @@ def test_eos_stops_and_stays_in_token_ids():
 
 
 def test_conv_trace_slice_end_to_end(conv_trace):
-    from sim.workload import workload_from_trace
+    from sim.workload.specs import workload_from_trace
 
     eng = Engine(EngineArgs(model=MODEL, seed=0))
     workload = workload_from_trace(conv_trace, num_requests=24, max_prompt_len=256,

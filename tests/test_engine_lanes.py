@@ -1,4 +1,4 @@
-"""One engine loop for every parallel layout (`sim.engine_loop`): with data or pipeline
+"""One engine loop for every parallel layout (`sim.engine.loop`): with data or pipeline
 parallelism, `n > 1` forks stay within their leader's lane and equal the one-lane samples, beam
 search equals the cacheless reference, every lane's steps are recorded (labelled by lane),
 admission control applies, and timing-only coasting is bit-identical to step-by-step runs."""
@@ -10,14 +10,14 @@ import math
 import numpy as np
 import pytest
 
-import sim.engine_loop as engine_loop
+import sim.engine.loop as engine_loop
 from sim import LLM, SamplingParams
-from sim.beam_search import BeamSearchParams
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.reference import beam_search as reference_beam_search
-from sim.request import Status
-from sim.workload import RequestSpec, make_workload
+from sim.core.request import Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.beam_search import BeamSearchParams
+from sim.model.reference import beam_search as reference_beam_search
+from sim.workload.specs import RequestSpec, make_workload
 
 RNG = np.random.default_rng(5)
 PROMPTS = [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()} for n in (7, 19, 33, 12)]

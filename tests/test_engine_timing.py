@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.request import Status
-from sim.workload import RequestSpec, make_workload
+from sim.core.errors import ConfigError
+from sim.core.request import Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec, make_workload
 
 
 def timing_engine(**kwargs) -> Engine:
@@ -44,7 +44,7 @@ def test_kv_is_all_free_at_the_end():
     scheduler = engine._scheduler(kv)
     for spec in make_workload(10, math.inf, 32, 8, seed=0):
         assert scheduler.add(engine.request_from_spec(spec, 0)) is None
-    from sim.executor import TimingExecutor
+    from sim.executor.timing import TimingExecutor
 
     executor, now_s = TimingExecutor(), 0.0
     while scheduler.has_work():

@@ -15,13 +15,13 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the 'gguf' package: pip install "
                            "'infersim[real]'")
 
-from sim.errors import ConfigError  # noqa: E402
-from sim.gguf import GGUFFile, unpermute_rows  # noqa: E402
-from sim.model_config import ModelConfig  # noqa: E402
-from sim.model_weights import random_state_dict  # noqa: E402
-from sim.model_zoo import resolve_model  # noqa: E402
-from sim.numpy_model import NumpyModel  # noqa: E402
-from sim.real_models import load_gguf_model  # noqa: E402
+from sim.core.errors import ConfigError  # noqa: E402
+from sim.core.model_config import ModelConfig  # noqa: E402
+from sim.model.gguf import GGUFFile, unpermute_rows  # noqa: E402
+from sim.model.numpy_model import NumpyModel  # noqa: E402
+from sim.model.real_models import load_gguf_model  # noqa: E402
+from sim.model.weights import random_state_dict  # noqa: E402
+from sim.model.zoo import resolve_model  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 N_VOCAB = 260
@@ -220,7 +220,7 @@ def test_byte_level_tokenizer_from_metadata(tmp_path):
 
 
 def test_sentencepiece_tokenizer_from_metadata():
-    from sim.gguf_tokenizer import GGUFTokenizer
+    from sim.model.gguf_tokenizer import GGUFTokenizer
 
     pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "ll", "▁he", "▁hell", "▁hello",
               "▁w", "or", "▁wor", "ld", "▁world"]

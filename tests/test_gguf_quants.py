@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError
-from sim.gguf_quants import FORMATS, dequantize, q4_k_scales
+from sim.core.errors import ConfigError
+from sim.model.gguf_quants import FORMATS, dequantize, q4_k_scales
 
 
 def f16(x: float) -> bytes:

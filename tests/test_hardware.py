@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hardware_profiles import PROFILE_DIR
-from sim.errors import ConfigError, UnknownNameError
-from sim.hardware import (
+from sim.core.errors import ConfigError, UnknownNameError
+from sim.timing.hardware import (
     DEFAULT_HARDWARE,
     EFFICIENCY_KEYS,
     HardwareProfile,

@@ -26,8 +26,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from sim.numpy_model import NumpyModel  # noqa: E402
-from sim.reference import generate  # noqa: E402
+from sim.model.numpy_model import NumpyModel  # noqa: E402
+from sim.model.reference import generate  # noqa: E402
 
 F = torch.nn.functional
 N_VOCAB = 97
@@ -166,7 +166,7 @@ def test_float64_rope_frequencies_match_transformers() -> None:
 
 
 def _config_of(hf: Any) -> Any:
-    from sim.model_config import ModelConfig
+    from sim.core.model_config import ModelConfig
     return ModelConfig.from_hf_config(hf.config.to_dict(), name="hf")
 
 

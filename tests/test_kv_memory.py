@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError, DoesNotFitError, UnknownNameError
-from sim.hardware import load_profile
-from sim.kv_memory import format_kv_memory, kv_memory_report
-from sim.model_zoo import resolve_model
+from sim.core.errors import ConfigError, DoesNotFitError, UnknownNameError
+from sim.model.zoo import resolve_model
+from sim.timing.hardware import load_profile
+from sim.timing.kv_memory import format_kv_memory, kv_memory_report
 
 
 def test_llama2_7b_fp16_classic_numbers():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.kv_store import ContiguousKVStore, KVStore
-from sim.errors import InfersimError
+from sim.core.errors import InfersimError
+from sim.core.protocols import KVStore
+from sim.model.kv_store import ContiguousKVStore
 
 RNG = np.random.default_rng(0)
 

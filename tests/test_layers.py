@@ -1,4 +1,4 @@
-"""sim.layers against small hand-written formulas (loops, one element at a time)."""
+"""sim.model.layers against small hand-written formulas (loops, one element at a time)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim import layers as L
-from sim.errors import ConfigError
+from sim.core.errors import ConfigError
+from sim.model import layers as L
 
 RNG = np.random.default_rng(0)
 

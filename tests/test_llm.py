@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sim import LLM, SamplingParams
-from sim.errors import ConfigError, InfersimError
+from sim.core.errors import ConfigError, InfersimError
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,9 @@ def test_local_checkpoint_folder_runs_real_weights(tmp_path):
     priced; its greedy tokens equal the cacheless reference on the same weights."""
     from safetensors.numpy import save_file
 
-    from sim.model_config import ModelConfig
-    from sim.numpy_model import NumpyModel
-    from sim.reference import generate
+    from sim.core.model_config import ModelConfig
+    from sim.model.numpy_model import NumpyModel
+    from sim.model.reference import generate
 
     hf_config = {
         "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,

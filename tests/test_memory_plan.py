@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError, DoesNotFitError
-from sim.hardware import list_profiles, load_profile
-from sim.memory_plan import GIB, activation_peak_bytes, plan_memory
-from sim.model_zoo import resolve_model
+from sim.core.errors import ConfigError, DoesNotFitError
+from sim.model.zoo import resolve_model
+from sim.timing.hardware import list_profiles, load_profile
+from sim.timing.memory_plan import GIB, activation_peak_bytes, plan_memory
 
 A100 = load_profile("a100-sxm4-80gb")
 LLAMA7 = resolve_model("meta-llama/Llama-2-7b-hf")

@@ -1,4 +1,4 @@
-"""Tests for sim.metrics, sim.metrics_summary and sim.quantiles."""
+"""Tests for sim.metrics.collector, sim.metrics.summary and sim.metrics.quantiles."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import InfersimError
-from sim.metrics import MetricsCollector, RequestTimes
-from sim.quantiles import LogHistogram, StreamingQuantiles
+from sim.core.errors import InfersimError
+from sim.metrics.collector import MetricsCollector, RequestTimes
+from sim.metrics.quantiles import LogHistogram, StreamingQuantiles
 
 
 def _request(

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sim.errors import ConfigError, InfersimError
-from sim.model_config import ModelConfig
-from sim.model_zoo import BUILTIN_HF_CONFIGS, builtin_names, resolve_model
+from sim.core.errors import ConfigError, InfersimError
+from sim.core.model_config import ModelConfig
+from sim.model.zoo import BUILTIN_HF_CONFIGS, builtin_names, resolve_model
 
 # Parameter counts published with the checkpoints (safetensors index "total_size" / 2 bytes, or
 # the model cards).

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.kv_store import ContiguousKVStore
-from sim.errors import ConfigError, InfersimError
-from sim.model_config import ModelConfig
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.reference import generate
+from sim.core.errors import ConfigError, InfersimError
+from sim.core.model_config import ModelConfig
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.reference import generate
 
 BASE: dict[str, Any] = dict(name="t", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_head=8, n_inner=48,
             n_vocab=50, max_position_embeddings=512)

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parallel.collectives import Collectives
-from sim.calibration import default_data_dir, fit_all_reduce
-from sim.errors import ConfigError
-from sim.hardware import Link, load_profile
+from sim.core.errors import ConfigError
+from sim.timing.calibration import default_data_dir, fit_all_reduce
+from sim.timing.hardware import Link, load_profile
 
 A100 = load_profile("a100-sxm4-80gb")
 L40S = load_profile("l40s")
@@ -66,7 +66,7 @@ def test_bad_arguments_are_clear_errors():
 @pytest.mark.skipif(not DATA.is_file(), reason=f"Vidur's network data not at {DATA}")
 def test_all_reduce_prices_stay_within_the_measured_fit_error():
     """The parallel module's all-reduce (min of ring and tree over the profile's calibrated
-    link) is no worse than `sim.calibration.fit_all_reduce`'s ring fit on Vidur's 8x A100 DGX
+    link) is no worse than `sim.timing.calibration.fit_all_reduce`'s ring fit on Vidur's 8x A100 DGX
     measurements (2-8 GPUs, 2 KB-64 MB)."""
     fit = fit_all_reduce()
     c = Collectives.gpu_link(A100)

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim import LLM, SamplingParams
-from sim.cli import main
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.workload import make_workload
+from sim.cli.main import main
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import make_workload
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "abc", "x" * 40, "0123456789"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10)

@@ -8,9 +8,9 @@ import pytest
 from parallel.plan import ParallelPlan
 from parallel.sharded_kv import RankedKVStore
 from parallel.tensor import ShardedModel, all_reduce
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.proxy import tiny_proxy_config
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.proxy import tiny_proxy_config
+from sim.model.zoo import resolve_model
 
 PLANS = [ParallelPlan(tp=2), ParallelPlan(tp=4), ParallelPlan(tp=8), ParallelPlan(pp=3),
          ParallelPlan(tp=2, pp=2)]

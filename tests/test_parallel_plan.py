@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from parallel.cost import ParallelCostModel
 from parallel.plan import ParallelPlan, candidate_plans, plan_gpu_memory, stage_layers
-from sim.cost_model import CostModel
-from sim.errors import ConfigError, DoesNotFitError
-from sim.hardware import load_profile
-from sim.memory_plan import plan_memory
-from sim.model_zoo import resolve_model
-from sim.step_shape import StepShape
+from sim.core.errors import ConfigError, DoesNotFitError
+from sim.core.step_shape import StepShape
+from sim.model.zoo import resolve_model
+from sim.timing.cost_model import CostModel
+from sim.timing.hardware import load_profile
+from sim.timing.memory_plan import plan_memory
 
 A100 = load_profile("a100-sxm4-80gb")
 L40S = load_profile("l40s")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.plots import assign_slots, plot_gantt, plot_latency_throughput, plot_step_series
-from sim.workload import RequestSpec, make_workload
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.metrics.plots import assign_slots, plot_gantt, plot_latency_throughput, plot_step_series
+from sim.workload.specs import RequestSpec, make_workload
 
 
 def test_step_series_adds_up():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.errors import UnknownNameError
-from sim.model_zoo import BUILTIN_HF_CONFIGS, resolve_model
-from sim.proxy import DEFAULT_PROXY_SEED, load_functional_model, tiny_proxy_config
-from sim.tokenizer import ByteTokenizer
+from sim.core.errors import UnknownNameError
+from sim.model.proxy import DEFAULT_PROXY_SEED, load_functional_model, tiny_proxy_config
+from sim.model.tokenizer import ByteTokenizer
+from sim.model.zoo import BUILTIN_HF_CONFIGS, resolve_model
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_HF_CONFIGS))

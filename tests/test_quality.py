@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel
-from sim.proxy import tiny_proxy_config
-from sim.quality import (
+from sim.core.errors import ConfigError
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import tiny_proxy_config
+from sim.model.quality import (
     compare,
     eval_text,
     eval_token_ids,
@@ -25,7 +24,8 @@ from sim.quality import (
     token_nll,
     top1_agreement,
 )
-from sim.tokenizer import ByteTokenizer
+from sim.model.tokenizer import ByteTokenizer
+from sim.model.zoo import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sim.errors import ConfigError
-from sim.quantization.formats import (
+from sim.core.errors import ConfigError
+from sim.model.quantization.formats import (
     E4M3,
     E5M2,
     fake_quant_fp8_rows,

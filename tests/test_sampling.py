@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from sim.request import SamplingParams
-from sim.sampling import log_softmax, sample_token, sampling_probs, token_logprobs
+from sim.core.request import SamplingParams
+from sim.model.sampling import log_softmax, sample_token, sampling_probs, token_logprobs
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ from batching import SCHEDULERS
 from batching.commit import StopCriteria
 from cache import ContiguousKVCache, NoKVCache
 from cache.paged import PagedKVCache
-from sim.executor import TimingExecutor
-from sim.request import Request, SamplingParams, Status
+from sim.core.request import Request, SamplingParams, Status
+from sim.executor.timing import TimingExecutor
 
 MAX_MODEL_LEN = 256
 

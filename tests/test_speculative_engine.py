@@ -16,11 +16,11 @@ import pytest
 from scipy import stats
 
 from sim import LLM, SamplingParams
-from sim.cli import build_parser, engine_args_from
-from sim.engine import Engine
-from sim.engine_args import EngineArgs
-from sim.errors import ConfigError
-from sim.workload import RequestSpec
+from sim.cli.main import build_parser, engine_args_from
+from sim.core.errors import ConfigError
+from sim.engine.args import EngineArgs
+from sim.engine.engine import Engine
+from sim.workload.specs import RequestSpec
 from speculative.acceptance import AcceptanceTrace, RequestAcceptance
 from speculative.config import SpeculativeConfig
 
@@ -97,7 +97,7 @@ def _exact_law(prompt: list[int], params: SamplingParams) -> dict[tuple[int, int
     """P(first two output tokens) under the target, from cacheless forwards (float64)."""
     engine = Engine(EngineArgs(MODEL, dtype="float64"))
     model = engine.functional_model
-    from sim.sampling import sampling_probs
+    from sim.model.sampling import sampling_probs
 
     p1 = sampling_probs(model.forward(prompt)[-1], params)
     law = {}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel
-from sim.proxy import tiny_proxy_config
-from sim.reference import generate
-from sim.request import Request, SamplingParams
+from sim.core.errors import ConfigError
+from sim.core.request import Request, SamplingParams
+from sim.model.numpy_model import NumpyModel
+from sim.model.proxy import tiny_proxy_config
+from sim.model.reference import generate
+from sim.model.zoo import resolve_model
 from speculative.acceptance import truncated_model
 from speculative.analysis import (
     AdaptiveK,

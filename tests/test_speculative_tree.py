@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cache.kv_store import ContiguousKVStore
 from sim import LLM, SamplingParams
-from sim.errors import ConfigError
-from sim.model_zoo import resolve_model
-from sim.numpy_model import NumpyModel, SeqChunk
-from sim.proxy import tiny_proxy_config
+from sim.core.errors import ConfigError
+from sim.model.kv_store import ContiguousKVStore
+from sim.model.numpy_model import NumpyModel, SeqChunk
+from sim.model.proxy import tiny_proxy_config
+from sim.model.zoo import resolve_model
 from speculative.config import SpeculativeConfig
 from speculative.tree import (
     TreeShape,

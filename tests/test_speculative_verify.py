@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from sim.errors import ConfigError
-from sim.request import SamplingParams
-from sim.sampling import sampling_probs
+from sim.core.errors import ConfigError
+from sim.core.request import SamplingParams
+from sim.model.sampling import sampling_probs
 from speculative.verify import (
     accept_prob,
     greedy_verify,

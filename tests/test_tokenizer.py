@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError
-from sim.model_config import ModelConfig
-from sim.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from sim.core.errors import ConfigError
+from sim.core.model_config import ModelConfig
+from sim.model.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 

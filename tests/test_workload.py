@@ -1,4 +1,4 @@
-"""Tests for sim.workload, sim.distributions and sim.azure_trace."""
+"""Tests for sim.workload.specs, sim.workload.distributions and sim.workload.azure_trace."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.errors import ConfigError, InfersimError
-from sim.workload import (
+from sim.core.errors import ConfigError, InfersimError
+from sim.workload.specs import (
     AllAtOnce,
     AzureTrace,
     ConstantArrivals,

@@ -43,9 +43,9 @@ def _clean(value: Any) -> Any:
 
 
 def _timing(workload: str = "trace", **kwargs: Any) -> dict[str, Any]:
-    from sim.engine import Engine
-    from sim.engine_args import EngineArgs
-    from sim.workload import load_azure_trace, make_workload, workload_from_trace
+    from sim.engine.args import EngineArgs
+    from sim.engine.engine import Engine
+    from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
 
     engine = Engine(EngineArgs(mode="timing", **kwargs))
     if workload == "trace":
@@ -69,7 +69,7 @@ def _functional(params: dict[str, Any] | None = None, beam: int = 0, **kwargs: A
     prompts = ["The capital of France is", "Once upon a time there", "1 2 3 4 5",
                "A quick brown fox jumps over the lazy dog and then"]
     if beam:
-        from sim.beam_search import BeamSearchParams
+        from sim.model.beam_search import BeamSearchParams
 
         outs = llm.beam_search(prompts[:2], BeamSearchParams(beam_width=beam, max_tokens=8))
         return _clean({"beams": [[[list(s.tokens), s.cum_logprob] for s in o.sequences]

@@ -1,0 +1,1 @@
+"""The `infersim` command line (`sim.cli.main:main`)."""

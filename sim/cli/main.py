@@ -1,0 +1,351 @@
+"""The `infersim` command line: simulate, demo, kv-memory, models, profiles.
+
+Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cache`, ...);
+`simulate --result-json` writes vLLM `benchmark_serving.py`'s key names.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The NumPy model's matrices are small: one BLAS thread is several times faster than OpenBLAS's
+# threads fighting over a few cores. Set before NumPy is first imported; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sim.core.errors import InfersimError
+from sim.engine.args import (
+    CONTIGUOUS_RESERVATIONS,
+    DTYPE_CHOICES,
+    KV_CACHE_CHOICES,
+    KV_CACHE_DTYPES,
+    MODES,
+    PREEMPTION_MODES,
+    SCHEDULER_CHOICES,
+    EngineArgs,
+)
+from sim.model.zoo import DEFAULT_MODEL
+from sim.timing.hardware import DEFAULT_HARDWARE
+
+DESCRIPTION = """\
+infersim: a NumPy reference simulator of LLM inference. One run computes real tokens with a NumPy
+transformer (a seeded tiny proxy of the named model, or real local weights) and prices every
+engine step for the named model on a GPU profile, on a simulated clock."""
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (vLLM names)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face id of a built-in shape, or a local folder with config.json "
+                        "(+ safetensors for real weights); see `infersim models`")
+    g.add_argument("--hardware", default=DEFAULT_HARDWARE,
+                   help="GPU profile name or .toml path; see `infersim profiles`")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights/compute dtype priced on the GPU; float64 also runs the "
+                        "functional model in float64")
+    g.add_argument("--mode", default="functional", choices=MODES,
+                   help="functional: real NumPy tokens; timing: token counts only (fast)")
+    g.add_argument("--seed", type=int, default=0, help="seed of workload and sampling")
+    g.add_argument("--kv-cache", default="paged", choices=KV_CACHE_CHOICES,
+                   help="paged (default, vLLM): blocks of --block-size tokens allocated as "
+                        "requests grow; contiguous: one reservation per request (see "
+                        "--contiguous-reservation); none: recompute the whole sequence every step")
+    g.add_argument("--block-size", type=int, default=16, help="paged: tokens per KV block")
+    g.add_argument("--enable-prefix-caching", action="store_true",
+                   help="paged: share cached prompt-prefix blocks (hash-chained, LRU eviction)")
+    g.add_argument("--contiguous-reservation", default="max_len",
+                   choices=CONTIGUOUS_RESERVATIONS,
+                   help="contiguous: reserve max_model_len (Orca Max), the next power of two of "
+                        "the request's limit (Pow2), or exactly its final length (Oracle)")
+    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
+                   help="paged, out of blocks: free the newest request's KV and recompute it, "
+                        "or swap it to host memory over the PCIe link")
+    g.add_argument("--swap-space", type=float, default=4.0,
+                   help="GiB of host memory for swapped-out KV (--preemption-mode swap)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="KV pool size in blocks instead of what the memory plan leaves")
+    g.add_argument("--kv-eviction", default=None,
+                   choices=("sliding_window", "streaming_llm", "h2o"),
+                   help="paged: keep only some KV per request (cache.kv_eviction): the last "
+                        "--kv-eviction-window tokens, plus --kv-eviction-sinks first tokens "
+                        "(streaming_llm) or --kv-eviction-heavy heavy hitters (h2o)")
+    g.add_argument("--kv-eviction-window", type=int, default=1024,
+                   help="--kv-eviction: recent tokens kept")
+    g.add_argument("--kv-eviction-sinks", type=int, default=4,
+                   help="--kv-eviction streaming_llm: attention-sink tokens kept")
+    g.add_argument("--kv-eviction-heavy", type=int, default=0,
+                   help="--kv-eviction h2o: heavy-hitter tokens kept")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="8-bit KV (fp8 = fp8_e4m3, fp8_e5m2, int8; per-token, per-head scales): "
+                        "twice the KV capacity of 16-bit, priced and quantized for real")
+    g.add_argument("--scheduler", default="continuous", choices=SCHEDULER_CHOICES,
+                   help="static: request-level batches; dynamic: request-level, Triton-style "
+                        "preferred sizes and queue delay; continuous: iteration-level (Orca/vLLM)")
+    g.add_argument("--max-wait-s", type=float, default=0.0,
+                   help="static: launch a batch when full or once its oldest request waited this")
+    g.add_argument("--preferred-batch-sizes", type=int, nargs="+", default=(),
+                   help="dynamic: launch as soon as one of these batch sizes can be formed")
+    g.add_argument("--max-queue-delay-s", type=float, default=0.05,
+                   help="dynamic: launch whatever is waiting once the oldest waited this long")
+    g.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="continuous: split long prompts into chunks that ride along with decodes "
+                        "(Sarathi-Serve); the budget then defaults to 2048 tokens")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="chunked prefill: most tokens of one prompt per step (0: no cap)")
+    g.add_argument("--max-num-partial-prefills", type=int, default=1,
+                   help="chunked prefill: prompts in progress at once")
+    g.add_argument("--scheduling-policy", default="fcfs",
+                   choices=("fcfs", "priority", "shortest_prompt_first"),
+                   help="waiting-queue order: arrival, request priority (lower first, may "
+                        "preempt), or shortest prompt first")
+    g.add_argument("--kv-watermark", type=float, default=0.01,
+                   help="continuous: admit only while this share of the KV pool stays free")
+    a = p.add_argument_group("admission control (reject at arrival, with a reason)")
+    a.add_argument("--admission-max-waiting", type=int, default=None,
+                   help="queue limit: reject when this many requests already wait")
+    a.add_argument("--admission-rate-per-s", type=float, default=None,
+                   help="token bucket: sustained admissions per second")
+    a.add_argument("--admission-burst", type=int, default=1, help="token bucket: burst size")
+    a.add_argument("--admission-ttft-slo-s", type=float, default=None,
+                   help="reject when the predicted TTFT already exceeds this SLO")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs each layer's matrices are split over (Megatron-style)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="pipeline stages of contiguous layers (micro-batches in flight)")
+    g.add_argument("--data-parallel-size", type=int, default=1,
+                   help="model replicas behind a router (see --data-parallel-router)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: place experts whole over the tensor-parallel GPUs")
+    g.add_argument("--data-parallel-router", default="round_robin",
+                   choices=("round_robin", "least_outstanding", "prefix_affinity"),
+                   help="how requests pick a replica when --data-parallel-size > 1")
+    g.add_argument("--quantization", default=None,
+                   choices=("int8", "int4", "gptq", "w8a8", "fp8"),
+                   help="weights (and activations for w8a8 / fp8): int8 / int4 weight-only "
+                        "round-to-nearest, gptq (int4, error-compensated on calibration text), "
+                        "w8a8 (SmoothQuant int8), fp8 (e4m3); default: unquantized")
+    g.add_argument("--quantization-group-size", type=int, default=128,
+                   help="weights per scale for int8 / int4 / gptq (-1: one per output channel)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding as in vLLM, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": '
+                        '"JackFram/llama-68m", "draft_noise_scale": 0.3}\'; timing mode adds '
+                        '"acceptance_rate" or "acceptance_trace"')
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from every parsed flag whose name is an engine argument (same spelling)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{key: value for key, value in vars(ns).items() if key in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infersim", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="serve a workload and report latency/throughput",
+                         description="Serve a synthetic workload or an Azure trace and report "
+                                     "TTFT, TPOT, ITL, E2E and throughput in simulated time.")
+    add_engine_flags(sim)
+    w = sim.add_argument_group("workload (vLLM benchmark_serving names)")
+    w.add_argument("--dataset-path", default=None,
+                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens); its "
+                        "timestamps give arrivals unless --request-rate is set")
+    w.add_argument("--num-prompts", type=int, default=None,
+                   help="number of requests (default: 100, or the whole trace)")
+    w.add_argument("--request-rate", type=float, default=None,
+                   help="requests/s, Poisson (inf = all at once: the default without a trace)")
+    w.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma arrivals' shape: 1 = Poisson, < 1 burstier")
+    w.add_argument("--input-len", type=int, default=512, help="prompt tokens (synthetic)")
+    w.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="synthetic: every prompt starts with one of --num-system-prompts fixed "
+                        "system prompts of this many tokens, then --input-len own tokens (what "
+                        "--enable-prefix-caching is for)")
+    w.add_argument("--num-system-prompts", type=int, default=1,
+                   help="synthetic, with --shared-prefix-len: distinct system prompts")
+    w.add_argument("--output-len", type=int, default=128, help="output tokens (synthetic)")
+    w.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput")
+    w.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput")
+    sim.add_argument("--result-json", default=None, help="write the metrics to this JSON file")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="no KV cache vs the KV-cached engine (the quick start)",
+                          description="Runs one workload twice, without and with a KV cache, "
+                                      "and compares latency, throughput and the tokens produced.")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--hardware", default=DEFAULT_HARDWARE)
+    demo.add_argument("--num-prompts", type=int, default=16)
+    demo.add_argument("--input-len", type=int, default=128)
+    demo.add_argument("--output-len", type=int, default=128)
+
+    kv = sub.add_parser("kv-memory", help="the KV-cache memory calculation, step by step",
+                        description="KV bytes per token = 2 x layers x KV heads x head dim x "
+                                    "bytes; per request; per batch; with --hardware, the memory "
+                                    "plan and how many tokens fit.")
+    kv.add_argument("--model", default=DEFAULT_MODEL)
+    kv.add_argument("--seq-len", type=int, required=True, help="tokens per request")
+    kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
+    kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
+    kv.add_argument("--hardware", default=None, help="also size the KV pool on this GPU")
+    kv.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
+    kv.add_argument("--kv-cache-dtype", default=None,
+                    help="KV cache dtype if it differs from --dtype (e.g. fp8)")
+    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    kv.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sub.add_parser("models", help="list the built-in model shapes")
+    sub.add_parser("profiles", help="list the built-in hardware profiles")
+
+    plans = sub.add_parser("plans", help="feasible (tp, pp, ep, dp) plans and their predicted "
+                                         "throughput and latency on N GPUs",
+                           description="Every parallel plan using --num-gpus GPUs whose shapes "
+                                       "divide and whose weights fit, each simulated "
+                                       "(timing-only) on a default workload.")
+    plans.add_argument("--model", default=DEFAULT_MODEL)
+    plans.add_argument("--hardware", default=DEFAULT_HARDWARE)
+    plans.add_argument("--num-gpus", type=int, required=True)
+    plans.add_argument("--num-prompts", type=int, default=200)
+    plans.add_argument("--input-len", type=int, default=512)
+    plans.add_argument("--output-len", type=int, default=128)
+    plans.add_argument("--request-rate", type=float, default=None,
+                       help="requests/s, Poisson (default: all at once)")
+    plans.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except InfersimError as exc:
+        print(f"infersim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from sim.cli.simulate import run_simulate
+
+    return run_simulate(ns)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from sim.cli.demo import run_demo
+
+    print(run_demo(ns.model, ns.hardware, ns.num_prompts, ns.input_len, ns.output_len))
+    return 0
+
+
+def cmd_kv_memory(ns: argparse.Namespace) -> int:
+    from sim.timing.kv_memory import format_kv_memory, kv_memory_report
+
+    report = kv_memory_report(
+        ns.model, seq_len=ns.seq_len, batch_size=ns.batch_size, dtype=ns.dtype,
+        hardware=ns.hardware, block_size=ns.block_size,
+        gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_dtype=ns.kv_cache_dtype,
+    )
+    print(json.dumps(report, indent=2, default=str) if ns.json else format_kv_memory(report))
+    return 0
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A plain aligned text table of dict rows (same keys)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = "  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from sim.model.zoo import ALIASES, BUILTIN_HF_CONFIGS, resolve_model
+
+    rows = []
+    for name in BUILTIN_HF_CONFIGS:
+        c = resolve_model(name)
+        rows.append({
+            "model": name,
+            "params": f"{c.num_params() / 1e9:.2f}B",
+            "active": f"{c.num_params(active_only=True) / 1e9:.2f}B",
+            "layers": c.n_layer, "heads/kv": f"{c.n_head}/{c.n_kv_head}", "d_head": c.d_head,
+            "kv/token (fp16)": f"{c.kv_bytes_per_token('float16') / 1024:.0f} KiB",
+            "max_len": c.max_position_embeddings,
+            "notes": _model_notes(c),
+        })
+    print(format_rows(rows))
+    print("\naliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
+    print("A local folder with config.json (+ *.safetensors) works anywhere a name does.")
+    return 0
+
+
+def _model_notes(c: Any) -> str:
+    notes = []
+    if c.is_moe:
+        notes.append(f"MoE {c.n_expert}x top-{c.n_expert_per_tok}")
+    if c.shared_expert_n_inner:
+        notes.append("shared expert")
+    if c.sliding_window:
+        notes.append(f"window {c.sliding_window}")
+    if c.qkv_bias:
+        notes.append("qkv bias")
+    if not c.is_llama_like:
+        notes.append("shape only (Llama-style proxy)")
+    return ", ".join(notes)
+
+
+def cmd_profiles(ns: argparse.Namespace) -> int:
+    from sim.timing.hardware import list_profiles, load_profile, summary_row
+
+    print(format_rows([summary_row(load_profile(name)) for name in list_profiles()]))
+    return 0
+
+
+def cmd_plans(ns: argparse.Namespace) -> int:
+    import math
+    from dataclasses import asdict
+
+    from sim.engine.planner import evaluate_plans, format_plans
+
+    rate = math.inf if ns.request_rate is None else ns.request_rate
+    results = evaluate_plans(ns.model, ns.hardware, ns.num_gpus, num_prompts=ns.num_prompts,
+                             input_len=ns.input_len, output_len=ns.output_len,
+                             request_rate=rate)
+    if ns.json:
+        print(json.dumps([asdict(r) for r in results], indent=2, default=str))
+        return 0
+    print(f"plans for {ns.model} on {ns.num_gpus} x {ns.hardware}; workload: {ns.num_prompts} "
+          f"requests, {ns.input_len} in / {ns.output_len} out tokens, "
+          f"{'all at once' if ns.request_rate is None else f'{rate:g} req/s'} (timing-only)")
+    print(format_plans(results))
+    print("comm: share of communication in a 64-sequence decode step; bubble: idle share of "
+          "pipeline stages")
+    return 0
+
+
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+    "kv-memory": cmd_kv_memory,
+    "models": cmd_models,
+    "profiles": cmd_profiles,
+    "plans": cmd_plans,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""`infersim simulate`: build the engine and workload from flags, run, print, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sim.cli.main import engine_args_from
+from sim.core.errors import InfersimError
+from sim.engine.engine import Engine
+from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
+
+
+def run_simulate(ns: argparse.Namespace) -> int:
+    if ns.num_prompts is not None and ns.num_prompts < 1:
+        raise InfersimError(f"--num-prompts must be at least 1, got {ns.num_prompts}")
+    if ns.request_rate is not None and not ns.request_rate > 0:
+        raise InfersimError(f"--request-rate must be > 0 (or inf), got {ns.request_rate}")
+    if ns.shared_prefix_len and ns.dataset_path:
+        raise InfersimError("--shared-prefix-len builds a synthetic workload; drop --dataset-path")
+    engine = Engine(engine_args_from(ns))
+    if ns.dataset_path:
+        trace = load_azure_trace(ns.dataset_path, limit=ns.num_prompts)
+        workload = workload_from_trace(trace, num_requests=ns.num_prompts or len(trace),
+                                       request_rate=ns.request_rate, seed=ns.seed,
+                                       burstiness=ns.burstiness)
+        total = ns.num_prompts or len(trace)
+    else:
+        total = ns.num_prompts or 100
+        rate = math.inf if ns.request_rate is None else ns.request_rate
+        if ns.shared_prefix_len:
+            from sim.workload.shared_prefix import shared_prefix_workload
+
+            vocab = (engine.functional_model.config.n_vocab if ns.mode == "functional"
+                     else engine.model_config.n_vocab)
+            workload = shared_prefix_workload(
+                total, rate, ns.shared_prefix_len, ns.input_len, ns.output_len,
+                vocab_size=vocab, num_system_prompts=ns.num_system_prompts, seed=ns.seed)
+        else:
+            workload = make_workload(total, rate, ns.input_len, ns.output_len, seed=ns.seed)
+    bar = tqdm(total=total, desc="requests", unit="req", disable=ns.no_progress,
+               file=sys.stderr, mininterval=0.5)
+    try:
+        result = engine.run(workload, keep_requests=False, on_finish=lambda _: bar.update())
+    finally:
+        bar.close()
+    slo_ttft_s = None if ns.slo_ttft_ms is None else ns.slo_ttft_ms / 1e3
+    slo_tpot_s = None if ns.slo_tpot_ms is None else ns.slo_tpot_ms / 1e3
+    summary = result.metrics.summary(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
+    stats = result.stats
+    print(result.description)
+    print(f"memory: {engine.num_kv_tokens} KV tokens ({engine.num_kv_blocks} blocks of "
+          f"{engine.args.block_size}); max_model_len={engine.max_model_len}, "
+          f"max_num_batched_tokens={engine.max_num_batched_tokens}")
+    print(summary.format_table())
+    if engine.args.enable_prefix_caching and summary.total_input_tokens:
+        print(f"prefix cache: {summary.total_cached_prompt_tokens / summary.total_input_tokens:.1%}"
+              " of prompt tokens hit")
+    print(f"engine steps: {stats.num_steps}, busy {stats.busy_s:.2f} s simulated; "
+          f"wall {result.wall_s:.2f} s ({total / max(result.wall_s, 1e-9):,.0f} requests/s, "
+          f"{stats.num_tokens_computed / max(result.wall_s, 1e-9):,.0f} tokens/s simulated)")
+    if ns.result_json:
+        payload = summary.to_benchmark_json()
+        payload.update({
+            "model_id": ns.model, "hardware": ns.hardware, "mode": ns.mode,
+            "kv_cache": ns.kv_cache, "scheduler": ns.scheduler, "description": result.description,
+            "num_steps": stats.num_steps, "wall_s": result.wall_s,
+            "num_preemptions": stats.num_preemptions, "swap_s": stats.swap_s,
+        })
+        Path(ns.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.result_json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        print(f"wrote {ns.result_json}")
+    return 0

@@ -1,0 +1,114 @@
+"""The protocols at the joints: `Scheduler`, `KVCacheManager`, `KVStore`, `Executor`.
+
+`KVCacheManager` is KV-cache *accounting* (which request holds how much memory); the KV
+*contents* live in a `KVStore` (`sim.model.kv_store`, `sim.model.paged_store`) that the
+functional executor fills. Managers only decide whether memory exists; all-or-nothing:
+`allocate` either grants the whole request or changes nothing.
+
+References: Kwon et al., "Efficient Memory Management for Large Language Model Serving with
+PagedAttention" (SOSP'23) for the manager/block-table split; vLLM `vllm/v1/core/kv_cache_manager.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Protocol
+
+import numpy as np
+
+from sim.core.request import Request
+from sim.core.step import StepPlan, StepResult
+from sim.core.usage import KVMemoryUsage
+
+
+class KVCacheManager(Protocol):
+    """Decides whether a request's KV fits; the scheduler asks before it schedules tokens."""
+
+    #: False for the no-KV-cache baseline: KV is dropped after every step and recomputed.
+    retains_kv: bool
+
+    def never_fits(self, request: Request, max_len: int) -> str | None:
+        """Why a request of up to `max_len` tokens could never be held (None if it could)."""
+        ...
+
+    def cached_prefix(self, request: Request) -> int:
+        """Tokens at the start of the request whose KV is already cached and can be shared
+        (whole blocks, always fewer than `request.num_tokens`); 0 without prefix caching.
+        A pure lookup: nothing changes."""
+        ...
+
+    def allocate(self, request: Request, num_tokens: int, num_cached_tokens: int = 0) -> bool:
+        """Make room for KV of the request's first `num_tokens` tokens; False changes nothing.
+        A request holding nothing may share its first `num_cached_tokens` (the value
+        `cached_prefix` just returned) instead of getting fresh memory for them."""
+        ...
+
+    def free(self, request: Request) -> None:
+        """Release everything the request holds (a no-op if it holds nothing)."""
+        ...
+
+    def preempt(self, request: Request) -> bool:
+        """Take the request's memory away so others can run: True if its KV was kept (swapped
+        out, to come back on its next `allocate`), False if freed (it must be recomputed)."""
+        ...
+
+    def capacity(self, request: Request) -> int:
+        """Tokens the request can hold without allocating more memory."""
+        ...
+
+    def usage(self) -> KVMemoryUsage:
+        """Where the KV memory goes now (used, reserved, fragmentation, free)."""
+        ...
+
+    def num_free_tokens(self) -> int: ...
+
+    def num_used_tokens(self) -> int:
+        """Tokens of KV that exist for real requests (not merely reserved)."""
+        ...
+
+    def num_reserved_tokens(self) -> int:
+        """Tokens of capacity held by requests (used + reserved-but-unused)."""
+        ...
+
+
+class Scheduler(Protocol):
+    """Decides, each step, which requests run and how many tokens each computes."""
+
+    def add(self, request: Request) -> str | None:
+        """Queue a request; a string is the reason it can never run (it is then rejected)."""
+        ...
+
+    def schedule(self, now_s: float) -> StepPlan | None:
+        """The next step, reading committed state only; None when nothing can run now."""
+        ...
+
+    def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
+        """Commit a completed step: counters, tokens, stops, frees; the finished requests."""
+        ...
+
+    def has_work(self) -> bool: ...
+
+    def abort_all(self, reason: str) -> list[Request]:
+        """Remove every queued or running request (e.g. nothing can ever be scheduled)."""
+        ...
+
+
+class KVStore(Protocol):
+    """What the NumPy model needs from a KV store (per sequence, per layer)."""
+
+    def write(self, seq_id: Hashable, layer: int, start_pos: int, k: np.ndarray,
+              v: np.ndarray) -> None:
+        """Store `k`, `v` `[n_new, n_kv_head, d_head]` at positions `start_pos..start_pos+n_new-1`."""
+        ...
+
+    def read(self, seq_id: Hashable, layer: int, end_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values `[end_pos, n_kv_head, d_head]` of positions `0..end_pos-1`."""
+        ...
+
+
+class Executor(Protocol):
+    def run(self, plan: StepPlan) -> StepResult: ...
+
+    def release(self, request: Request) -> None:
+        """Drop whatever the executor holds for a request that has ended."""
+        ...

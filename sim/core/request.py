@@ -1,0 +1,218 @@
+"""Requests and their outputs, in vLLM's shapes and names.
+
+`SamplingParams`, `RequestOutput`, `CompletionOutput`, `RequestMetrics` and `Logprob` mirror vLLM's
+classes so code written against vLLM's offline API runs here (times are simulated seconds).
+`Request` is the engine's mutable per-request state: progress is one counter, `num_computed`
+(KV exists for the first `num_computed` tokens), as in vLLM v1; prefill, chunked prefill, prefix
+hits, preemption and speculation all just move it.
+
+References: vLLM `vllm/sampling_params.py`, `vllm/outputs.py`, `vllm/v1/request.py`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sim.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request (vLLM's names and defaults).
+
+    `temperature=0` is greedy. `top_k=-1` (or 0) and `top_p=1` disable those filters. `seed` gives
+    the request its own random stream; without it the engine derives one from its seed and the
+    request's index, so outputs never depend on what else is in the batch. `n > 1` returns `n`
+    samples of one prompt that share its KV blocks (`cache.parallel_sampling`); sample `i` draws
+    from seed `seed + i` (vLLM v1), so it equals an `n=1` run with that seed.
+
+    `use_beam_search=True` (vLLM v0's switch) keeps the `n` likeliest sequences instead
+    (`cache.beam_search`): beams fork each other's KV blocks, copied only when written; it needs
+    `temperature=0` and ranks finished beams by cumulative log-probability over
+    `length ** length_penalty`.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n (parallel samples per prompt) must be an int >= 1, got {self.n!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ConfigError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ConfigError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        if self.use_beam_search and (self.temperature != 0 or self.top_p != 1
+                                     or self.top_k not in (-1, 0)):
+            raise ConfigError("beam search is deterministic: use temperature=0 and no top_p / "
+                              "top_k with use_beam_search=True")
+        if self.use_beam_search and self.min_tokens:
+            raise ConfigError("min_tokens is not supported with use_beam_search=True; use "
+                              "ignore_eos=True to keep every beam going")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"length_penalty must be finite, got {self.length_penalty}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's log-probability under the model's raw distribution (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """vLLM's per-request timestamps, in simulated seconds since the simulation started."""
+
+    arrival_time: float
+    last_token_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    time_in_queue: float | None
+    finished_time: float | None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    # infersim: why the engine refused the request (None when it ran)
+    reject_reason: str | None = None
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    REJECTED = "rejected"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """Engine-side state of one request.
+
+    `prompt_token_ids` is None in timing-only mode (only lengths matter there); output token ids
+    are kept only when `keep_tokens` (functional mode). `num_output_tokens` counts either way.
+    """
+
+    request_id: str
+    index: int
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    arrival_s: float
+    rng: np.random.Generator | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt: str | None = None
+    keep_tokens: bool = True
+    output_token_ids: list[int] = field(default_factory=list)
+    num_output_tokens: int = 0
+    num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+    priority: int = 0  # scheduling_policy="priority": lower runs first (vLLM's convention)
+    status: Status = Status.WAITING
+    first_scheduled_s: float = math.nan
+    first_token_s: float = math.nan
+    finished_s: float = math.nan
+    token_times_s: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    reject_reason: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    # parallel sampling (`SamplingParams.n > 1`): which sample this sequence is, and (on sample
+    # 0 until its prompt is computed) the other samples, which then fork its prompt KV
+    sample_index: int = 0
+    forks: list[Request] = field(default_factory=list)
+    # beam search (`use_beam_search=True`): the prompt's `cache.beam_search.BeamGroup`, on the
+    # submitted request and on every beam forked from it
+    beam: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens so far."""
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    def max_len(self, max_model_len: int) -> int:
+        """The longest this request may grow: prompt + max_tokens, capped by max_model_len."""
+        if self.sampling.max_tokens is None:
+            return max_model_len
+        return min(max_model_len, self.num_prompt_tokens + self.sampling.max_tokens)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens whose KV does not exist yet (the work the next step must do)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (Status.FINISHED, Status.REJECTED)
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Token ids `[start, end)` of prompt + output (functional mode only)."""
+        if self.prompt_token_ids is None:
+            raise RuntimeError("token ids are not kept in timing-only mode")
+        n_prompt = self.num_prompt_tokens
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
+
+def reject(req: Request, reason: str) -> None:
+    """End a request that can never run, with its reason."""
+    req.status = Status.REJECTED
+    req.finish_reason = "rejected"
+    req.reject_reason = reason

@@ -1,0 +1,220 @@
+"""Engine arguments, with vLLM's names wherever vLLM has one.
+
+Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy tokens;
+`timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`, `paged`; with
+`block_size`, `enable_prefix_caching`, `contiguous_reservation` = `max_len` | `pow2` | `oracle`,
+`preemption_mode` = `recompute` | `swap` and `swap_space` GiB; `kv_cache_dtype` = `auto` | `fp8`
+| `fp8_e4m3` | `fp8_e5m2` | `int8`, 8-bit KV in `sim.model.kv_quant`; `kv_eviction` = `sliding_window`
+| `streaming_llm` | `h2o` with `kv_eviction_window` / `_sinks` / `_heavy`, in `cache.kv_eviction`),
+`scheduler` (`static`, `continuous`), `functional_model` (what computes tokens when it should
+differ from `model`, the shape that is priced: by default a seeded tiny proxy of a built-in
+shape, or the real weights of a local checkpoint folder).
+
+References: vLLM `vllm/engine/arg_utils.py` (EngineArgs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sim.core.errors import ConfigError, suggest
+from sim.model.zoo import DEFAULT_MODEL
+from sim.timing.hardware import DEFAULT_HARDWARE
+
+MODES = ("functional", "timing")
+KV_CACHE_CHOICES = ("none", "contiguous", "paged")
+CONTIGUOUS_RESERVATIONS = ("max_len", "pow2", "oracle")
+PREEMPTION_MODES = ("recompute", "swap")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # as sim.model.kv_quant
+SCHEDULER_CHOICES = ("static", "dynamic", "continuous")
+SCHEDULING_POLICIES = ("fcfs", "priority", "shortest_prompt_first")
+DATA_PARALLEL_ROUTERS = ("round_robin", "least_outstanding", "prefix_affinity")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    hardware: str = DEFAULT_HARDWARE
+    mode: str = "functional"
+    kv_cache: str = "paged"
+    scheduler: str = "continuous"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    functional_model: str | None = None
+    # model parallelism (the parallel issue; vLLM's names, plus the DP router, ours)
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    data_parallel_router: str = "round_robin"
+    # KV cache (the cache issue): paged blocks, prefix caching, contiguous baselines, preemption
+    block_size: int = 16
+    enable_prefix_caching: bool = False
+    contiguous_reservation: str = "max_len"
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's default)
+    num_gpu_blocks_override: int | None = None  # KV pool size in blocks instead of the plan's
+    # KV eviction (cache.kv_eviction): sliding_window, streaming_llm (sinks + window), h2o
+    kv_eviction: str | None = None
+    kv_eviction_window: int = 1024  # recent tokens kept
+    kv_eviction_sinks: int = 4  # StreamingLLM attention sinks
+    kv_eviction_heavy: int = 0  # H2O heavy hitters kept
+    # request-level batching: static launches when full or after max_wait_s; dynamic (Triton)
+    # as soon as a preferred batch size can be formed or after max_queue_delay_s
+    max_wait_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_s: float = 0.05
+    # continuous batching: chunked prefill (Sarathi-Serve) and the waiting-queue policy
+    enable_chunked_prefill: bool = False
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    scheduling_policy: str = "fcfs"
+    # continuous batching: keep this share of the KV pool free at admission (vLLM v0's watermark)
+    kv_watermark: float = 0.01
+    # admission control at arrival (None: off): queue limit, token bucket, SLO-aware rejection
+    admission_max_waiting: int | None = None
+    admission_rate_per_s: float | None = None
+    admission_burst: int = 1
+    admission_ttft_slo_s: float | None = None
+    # weight / activation quantization (sim.quantization): None, int8, int4, gptq, w8a8, fp8
+    quantization: str | None = None
+    quantization_group_size: int = 128
+    # speculative decoding (speculative/): vLLM's dict, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4}; a dict or JSON string becomes a SpeculativeConfig
+    speculative_config: Any = None
+
+    def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            from speculative.config import SpeculativeConfig
+
+            object.__setattr__(self, "speculative_config",
+                               SpeculativeConfig.from_any(self.speculative_config))
+        if self.quantization is not None:  # validates the method and the group size
+            from sim.core.quantization import QuantSpec
+
+            QuantSpec(self.quantization, self.quantization_group_size)
+        for name, value, choices in (
+            ("mode", self.mode, MODES),
+            ("kv_cache", self.kv_cache, KV_CACHE_CHOICES),
+            ("scheduler", self.scheduler, SCHEDULER_CHOICES),
+            ("dtype", self.dtype, DTYPE_CHOICES),
+            ("contiguous_reservation", self.contiguous_reservation, CONTIGUOUS_RESERVATIONS),
+            ("preemption_mode", self.preemption_mode, PREEMPTION_MODES),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of "
+                              f"{', '.join(KV_CACHE_DTYPES)} (8-bit KV: sim.model.kv_quant)")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size must be a power of two from 1 to 256, got "
+                              f"{self.block_size}")
+        if not (self.swap_space >= 0 and math.isfinite(self.swap_space)):
+            raise ConfigError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.enable_prefix_caching and self.kv_cache != "paged":
+            raise ConfigError("enable_prefix_caching needs kv_cache='paged' (cached prefixes "
+                              "are shared block by block)")
+        for name in ("max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not (0 < self.gpu_memory_utilization <= 1 and math.isfinite(self.gpu_memory_utilization)):
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling_policy={self.scheduling_policy!r} is not one of "
+                              f"{', '.join(SCHEDULING_POLICIES)}")
+        if not 0 <= self.kv_watermark < 1:
+            raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
+        if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
+            raise ConfigError("long_prefill_token_threshold must be >= 0 (0: no cap) and "
+                              "max_num_partial_prefills >= 1")
+        if self.enable_chunked_prefill and self.scheduler != "continuous":
+            raise ConfigError("enable_chunked_prefill needs scheduler='continuous' (chunks ride "
+                              "along with iteration-level decodes)")
+        for name in ("max_wait_s", "max_queue_delay_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        if self.admission_max_waiting is not None and self.admission_max_waiting < 0:
+            raise ConfigError(
+                f"admission_max_waiting must be >= 0, got {self.admission_max_waiting}")
+        for name in ("admission_rate_per_s", "admission_ttft_slo_s"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if self.admission_burst < 1:
+            raise ConfigError(f"admission_burst must be at least 1, got {self.admission_burst}")
+        object.__setattr__(self, "preferred_batch_sizes",
+                           tuple(int(n) for n in self.preferred_batch_sizes))
+        if any(n < 1 or n > self.max_num_seqs for n in self.preferred_batch_sizes):
+            raise ConfigError(
+                f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in 1..max_num_seqs "
+                f"({self.max_num_seqs})"
+            )
+        for name in ("pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.data_parallel_router not in DATA_PARALLEL_ROUTERS:
+            raise ConfigError(f"data_parallel_router={self.data_parallel_router!r} is not one "
+                              f"of {', '.join(DATA_PARALLEL_ROUTERS)}")
+        if self.kv_eviction is not None:
+            self._check_eviction()
+
+    def _check_eviction(self) -> None:
+        """KV eviction runs on the paged cache without block sharing (prefix caching, forks),
+        speculation or model parallelism; it combines with 8-bit KV (`kv_cache_dtype`: the two
+        compressions multiply) and with either preemption mode (a swap moves the kept blocks
+        only, and H2O's slot state stays with the sequence)."""
+        self.eviction()  # validates the policy and its sizes
+        if self.kv_cache != "paged":
+            raise ConfigError(f"kv_eviction needs kv_cache='paged', got {self.kv_cache!r}")
+        for bad, why in ((self.enable_prefix_caching, "enable_prefix_caching"),
+                         (self.speculative_config is not None, "speculative decoding"),
+                         (self.tensor_parallel_size * self.pipeline_parallel_size > 1,
+                          "model parallelism")):
+            if bad:
+                raise ConfigError(f"kv_eviction={self.kv_eviction!r} does not combine with {why}"
+                                  " (evicted positions are per sequence); turn one of them off")
+
+    def eviction(self) -> Any:
+        """The `cache.kv_eviction.KVEviction` asked for, or None."""
+        if self.kv_eviction is None:
+            return None
+        from cache.kv_eviction import KVEviction
+
+        return KVEviction(self.kv_eviction, self.kv_eviction_window, self.kv_eviction_sinks,
+                          self.kv_eviction_heavy)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """Build from keyword arguments; an unknown name is a `ConfigError` with suggestions."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in known:
+                raise ConfigError(str(suggest(key, known, "engine argument")))
+        return cls(**kwargs)
+
+    @property
+    def functional_dtype(self) -> str:
+        """NumPy precision of the functional model: float64 when asked, else float32."""
+        return "float64" if self.dtype == "float64" else "float32"
+
+    def timing_dtype(self, checkpoint_dtype: str) -> str:
+        """The dtype the target GPU is priced in: the checkpoint's unless a GPU dtype is given."""
+        if self.dtype in ("auto", "float64"):
+            return checkpoint_dtype
+        return {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)

@@ -1,0 +1,72 @@
+"""What a run records: step counters, the result object, and per-request bookkeeping.
+
+`request_times` turns a finished (or rejected) request into the metrics collector's record;
+`record_step` appends one engine step to the per-step series.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sim.core.protocols import KVCacheManager
+from sim.core.request import Request, Status
+from sim.core.step import StepPlan
+from sim.metrics.collector import MetricsCollector, RequestTimes, Summary
+from sim.metrics.step_series import StepSeries
+
+
+@dataclass
+class StepStats:
+    """Counters over the whole run (conservation checks and simulation speed)."""
+
+    num_steps: int = 0
+    busy_s: float = 0.0
+    num_tokens_computed: int = 0
+    num_tokens_priced: int = 0
+    num_preemptions: int = 0
+    swap_s: float = 0.0  # KV swap transfers over the host link (included in busy_s)
+    draft_s: float = 0.0  # speculative draft-model steps (included in busy_s)
+    num_copied_blocks: int = 0  # copy-on-write KV block copies (forked samples and beams)
+
+
+@dataclass
+class SimulationResult:
+    summary: Summary
+    metrics: MetricsCollector
+    requests: list[Request]
+    stats: StepStats
+    wall_s: float
+    description: str
+    steps: StepSeries | None = None
+    speculation: dict[str, Any] | None = None  # acceptance counts (speculative decoding)
+
+
+def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
+                scheduler: Any, kv: KVCacheManager, lane: int = 0) -> None:
+    decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
+    computed = plan.num_new_tokens
+    held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
+    steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
+              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens(), lane)
+
+
+def request_times(req: Request) -> RequestTimes:
+    rejected = req.status is Status.REJECTED
+    nan = math.nan
+    return RequestTimes(
+        request_id=req.request_id,
+        arrival_s=req.arrival_s,
+        first_scheduled_s=nan if rejected else req.first_scheduled_s,
+        first_token_s=nan if rejected else req.first_token_s,
+        finished_s=nan if rejected else req.finished_s,
+        token_times_s=req.token_times_s,
+        num_prompt_tokens=req.num_prompt_tokens,
+        num_output_tokens=req.num_output_tokens,
+        num_cached_prompt_tokens=0 if rejected else min(req.num_cached_tokens,
+                                                        req.num_prompt_tokens),
+        finish_reason=req.finish_reason or "aborted",
+        reject_reason=req.reject_reason,
+    )
+
