@@ -190,10 +190,15 @@ class ParallelCostModel:
 
 
 def _spread(num_logits: int, new: tuple[int, ...]) -> tuple[int, ...]:
-    """Per-sequence logit rows adding to `num_logits` (one per sequence first, the rest on the
-    longest chunks): only the total matters to the price."""
-    rows = [min(1, n) for n in new]
-    left = num_logits - sum(rows)
+    """Per-sequence logit rows adding to `num_logits` (one per sequence first, then the rest in
+    order wherever a sequence has new tokens left; fewer rows than sequences leave the last
+    ones at 0, as for prompt chunks that do not finish): only the total matters to the price."""
+    left = num_logits
+    rows: list[int] = []
+    for _ in new:
+        take = min(max(left, 0), 1)
+        rows.append(take)
+        left -= take
     for i, n in enumerate(new):
         take = min(max(left, 0), n - rows[i])
         rows[i] += take
