@@ -40,8 +40,9 @@ sequence here, since a swap brings the KV contents back (a recompute, from posit
 the state afresh).
 
 Timing / capacity side: the manager's arithmetic is the same in timing-only runs (no store), so
-memory stops growing once the budget is full; `EvictedContextCost` prices decode attention over
-the kept tokens only (`min(context, budget)`).
+memory stops growing once the budget is full; the cost model prices attention over the kept
+tokens only (`sim.timing.cost_model.CostModel(kv_context_cap_tokens=budget)`: each sequence's
+context read is `min(context, budget)`).
 
 References: Jiang et al. 2023 (Mistral 7B, sliding window attention); Xiao et al. 2023
 (StreamingLLM, "Efficient Streaming Language Models with Attention Sinks", 4 sink tokens);
@@ -243,20 +244,3 @@ class EvictingModel:
                               "one kind of KV store)")
         if isinstance(state, H2OSlots):
             state.num_tokens = start_pos + num_new
-
-
-class EvictedContextCost:
-    """A cost model whose attention context is capped at the eviction budget."""
-
-    def __init__(self, inner: Any, budget: int) -> None:
-        self.inner = inner
-        self.budget = budget
-        self.base = getattr(inner, "base", inner)
-
-    def step_time_s(self, num_new_tokens: Sequence[int], num_context_tokens: Sequence[int],
-                    *args: Any, **kwargs: Any) -> float:
-        capped = tuple(min(int(c), self.budget) for c in num_context_tokens)
-        return float(self.inner.step_time_s(num_new_tokens, capped, *args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)

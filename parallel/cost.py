@@ -22,6 +22,9 @@ For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = 
   busy time, which the engine loop (`sim.engine.lanes.StageClock`) overlaps across micro-batches.
 
 `step_time_s` is one micro-batch's latency through every stage (compute + comm + overhead).
+KV eviction's context cap (`kv_context_cap_tokens`) goes to the per-GPU `CostModel`, so every
+price here (step, stages, roofline) reads the same capped context; the collectives move only
+the new tokens' activations and do not depend on context.
 
 References: Shoeybi et al. 2019 (Megatron-LM: two all-reduces per layer); Narayanan et al. 2021
 (pipeline bubble, point-to-point stage transfers); Lepikhin et al. 2021 (GShard all-to-all
@@ -31,12 +34,12 @@ dispatch/combine); Rajbhandari et al. 2022 (DeepSpeed-MoE); vLLM `vllm/distribut
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from parallel.collectives import Collectives
 from parallel.plan import ParallelPlan, padded_vocab, stage_layers
 from sim.core.errors import ConfigError
 from sim.core.model_config import ModelConfig
+from sim.core.quantization import QuantSpec
 from sim.core.step_shape import StepCost, StepShape
 from sim.timing.cost_model import DEFAULT_STEP_OVERHEAD_S, CostModel
 from sim.timing.hardware import HardwareProfile
@@ -62,14 +65,15 @@ class CommBreakdown:
 class ParallelCostModel:
     """Prices `StepShape`s for `model` on `hardware` split by `plan` (one replica: dp ignored).
 
-    Has `CostModel`'s pricing interface (`step_cost`, `step_time_s`, `roofline_bound_s`,
-    `describe`), so the engine uses either.
+    A `sim.core.protocols.Pricer`, as `CostModel` is, so the engine uses either.
+    `kv_context_cap_tokens` is `CostModel`'s (the KV eviction budget).
     """
 
     def __init__(self, model: ModelConfig, hardware: HardwareProfile, plan: ParallelPlan,
                  dtype: str | None = None, kv_cache_dtype: str | None = None,
                  step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
-                 expert_imbalance: float = 1.0, quantization: Any = None) -> None:
+                 expert_imbalance: float = 1.0, quantization: QuantSpec | None = None,
+                 kv_context_cap_tokens: int | None = None) -> None:
         plan.check_shapes(model)
         if not expert_imbalance >= 1.0:
             raise ConfigError(f"expert_imbalance is busiest / mean expert-rank load, >= 1; got "
@@ -77,7 +81,8 @@ class ParallelCostModel:
         self.model, self.hardware, self.plan = model, hardware, plan
         self.base = CostModel(model, hardware, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                               tensor_parallel_size=plan.tp, step_overhead_s=0.0,
-                              quantization=quantization)
+                              quantization=quantization,
+                              kv_context_cap_tokens=kv_context_cap_tokens)
         self.step_overhead_s = float(step_overhead_s)
         self.expert_imbalance = float(expert_imbalance)
         self.comm = Collectives.gpu_link(hardware)
@@ -90,6 +95,11 @@ class ParallelCostModel:
         # the plain path: no pipeline, no expert imbalance -> base fast path + closed-form comm
         self._simple = plan.pp == 1 and (plan.ep == 1 or expert_imbalance == 1.0)
         self.part_names = self.base.part_names
+
+    @property
+    def act_dtype(self) -> str:
+        """The activation dtype (the per-GPU model's; what the memory plan sizes KV in)."""
+        return self.base.act_dtype
 
     # ------------------------------------------------------------------ communication
     def _layer_comm_s(self, num_tokens: int, stage: int) -> tuple[float, float]:
@@ -149,7 +159,7 @@ class ParallelCostModel:
         return self.comm.send_recv_s(2 * shape.total_new_tokens * self.model.n_embd
                                      * self.act_bytes)
 
-    # ------------------------------------------------------------------ CostModel interface
+    # ------------------------------------------------------------------ the rest of Pricer
     def step_cost(self, shape: StepShape) -> StepCost:
         base = self.base.step_cost(shape)
         parts = dict(base.parts)
@@ -180,10 +190,15 @@ class ParallelCostModel:
 
 
 def _spread(num_logits: int, new: tuple[int, ...]) -> tuple[int, ...]:
-    """Per-sequence logit rows adding to `num_logits` (one per sequence first, the rest on the
-    longest chunks): only the total matters to the price."""
-    rows = [min(1, n) for n in new]
-    left = num_logits - sum(rows)
+    """Per-sequence logit rows adding to `num_logits` (one per sequence first, then the rest in
+    order wherever a sequence has new tokens left; fewer rows than sequences leave the last
+    ones at 0, as for prompt chunks that do not finish): only the total matters to the price."""
+    left = num_logits
+    rows: list[int] = []
+    for _ in new:
+        take = min(max(left, 0), 1)
+        rows.append(take)
+        left -= take
     for i, n in enumerate(new):
         take = min(max(left, 0), n - rows[i])
         rows[i] += take

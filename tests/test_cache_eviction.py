@@ -24,6 +24,7 @@ from sim.model.paged_store import PagedKVStore
 from sim.model.proxy import load_functional_model
 from sim.model.quality import eval_token_ids, reference_logits, teacher_forced_logits
 from sim.model.sampling import SamplingParams as SP
+from sim.timing.cost_model import CostModel, StepShape
 from sim.workload.specs import make_workload
 
 RNG = np.random.default_rng(0)
@@ -292,7 +293,13 @@ def test_more_requests_fit_and_decode_reads_fewer_bytes():
     assert cols["kv_used_tokens"].max() <= peak_evicted * 256
     cost = engine.cost_model
     assert cost.step_time_s((1,) * 8, (4000,) * 8) == cost.step_time_s((1,) * 8, (256,) * 8)
-    assert cost.inner.step_time_s((1,) * 8, (4000,) * 8) > cost.step_time_s((1,) * 8, (4000,) * 8)
+    uncapped = CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype)
+    assert uncapped.step_time_s((1,) * 8, (4000,) * 8) > cost.step_time_s((1,) * 8, (4000,) * 8)
+    # one price: the breakdown and the roofline floor read the same capped context
+    decode = StepShape.decode([4000] * 8)
+    assert cost.step_cost(decode).total_s == pytest.approx(cost.step_time_s((1,) * 8, (4000,) * 8),
+                                                           rel=1e-12)
+    assert cost.roofline_bound_s(decode) < uncapped.roofline_bound_s(decode)
     assert "kv_eviction=sliding_window" in engine.description
 
 

@@ -1,4 +1,4 @@
-"""The protocols at the joints: `Scheduler`, `KVCacheManager`, `KVStore`, `Executor`.
+"""The protocols at the joints: `Scheduler`, `KVCacheManager`, `KVStore`, `Executor`, `Pricer`.
 
 `KVCacheManager` is KV-cache *accounting* (which request holds how much memory); the KV
 *contents* live in a `KVStore` (`sim.model.kv_store`, `sim.model.paged_store`) that the
@@ -18,6 +18,7 @@ import numpy as np
 
 from sim.core.request import Request
 from sim.core.step import StepPlan, StepResult
+from sim.core.step_shape import StepCost, StepShape
 from sim.core.usage import KVMemoryUsage
 
 
@@ -111,4 +112,52 @@ class Executor(Protocol):
 
     def release(self, request: Request) -> None:
         """Drop whatever the executor holds for a request that has ended."""
+        ...
+
+
+class Pricer(Protocol):
+    """What the engine needs from a step pricer: `sim.timing.cost_model.CostModel` (one GPU, a
+    1-stage pipeline) or `parallel.cost.ParallelCostModel` (a sharded replica, its collectives
+    priced). The engine prices each step with `step_time_s` (the fast path) and reports with
+    `step_cost`; the two are one price (`step_cost(shape).total_s == step_time_s(...)`), never
+    below `roofline_bound_s(shape)`. Pricing depends only on the shape, never on token values.
+
+    References: Agrawal et al. 2024 (Vidur: an execution-time predictor behind the scheduler);
+    vLLM `vllm/v1/engine/core.py` (one model-executor call per step).
+    """
+
+    @property
+    def step_overhead_s(self) -> float:
+        """CPU seconds per step outside the GPU kernels (scheduling, input preparation)."""
+        ...
+
+    @property
+    def act_dtype(self) -> str:
+        """The activation dtype (`sim.core.dtypes` name) the memory plan sizes 16-bit KV in."""
+        ...
+
+    def step_cost(self, shape: StepShape) -> StepCost:
+        """Seconds of the step, per part, with the bound of each part and its FLOPs and bytes."""
+        ...
+
+    def step_time_s(self, num_new_tokens: tuple[int, ...], num_context_tokens: tuple[int, ...],
+                    num_logits: int | None = None) -> float:
+        """`step_cost(StepShape(new, ctx, logits)).total_s` without the breakdown; `num_logits`
+        the step's total LM-head rows (None: one per sequence)."""
+        ...
+
+    def roofline_bound_s(self, shape: StepShape) -> float:
+        """The physical floor of the step (peak FLOP/s and bandwidth, no efficiencies)."""
+        ...
+
+    def stage_times_s(self, shape: StepShape) -> list[float]:
+        """Busy seconds of each pipeline stage for one micro-batch (no overhead, no send)."""
+        ...
+
+    def send_recv_s(self, shape: StepShape) -> float:
+        """Seconds of one stage-boundary transfer of the micro-batch (0 with one stage)."""
+        ...
+
+    def describe(self) -> str:
+        """One line naming the model, dtypes, device and split."""
         ...

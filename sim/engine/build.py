@@ -18,7 +18,7 @@ from cache import KV_CACHES
 from cache.paged import PagedKVCache
 from parallel.plan import plan_gpu_memory
 from sim.core.errors import ConfigError
-from sim.core.protocols import Executor, KVCacheManager, Scheduler
+from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
 from sim.executor.timing import TimingExecutor
 from sim.timing.cost_model import CostModel
 from sim.timing.memory_plan import MemoryPlan
@@ -27,32 +27,29 @@ if TYPE_CHECKING:
     from sim.engine.engine import Engine
 
 
-def build_cost_model(engine: Engine, kv_dtype: str | None) -> Any:
-    """The step pricer: per GPU, or the parallel plan's (with its collectives)."""
+def build_cost_model(engine: Engine, kv_dtype: str | None) -> Pricer:
+    """The step pricer: per GPU, or the parallel plan's (with its collectives); under KV
+    eviction, attention reads at most the eviction budget of cached tokens per sequence."""
+    eviction = engine.args.eviction()
+    cap = None if eviction is None else eviction.budget
     if engine.sharded:
         from parallel.cost import ParallelCostModel
 
         return ParallelCostModel(engine.model_config, engine.hardware, engine.plan,
                                  dtype=engine.timing_dtype, kv_cache_dtype=kv_dtype,
-                                 quantization=engine.quantization)
-    cost = CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
-                     kv_cache_dtype=kv_dtype, quantization=engine.quantization)
-    eviction = engine.args.eviction()
-    if eviction is not None:  # attention reads only the kept tokens
-        from cache.kv_eviction import EvictedContextCost
-
-        return EvictedContextCost(cost, eviction.budget)
-    return cost
+                                 quantization=engine.quantization, kv_context_cap_tokens=cap)
+    return CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
+                     kv_cache_dtype=kv_dtype, quantization=engine.quantization,
+                     kv_context_cap_tokens=cap)
 
 
 def build_memory_plan(engine: Engine, kv_dtype: str | None) -> MemoryPlan:
     """One GPU's memory (the binding pipeline stage's when the plan splits the model)."""
     args, quant = engine.args, engine.quantization
-    base = getattr(engine.cost_model, "base", engine.cost_model)
     memory = plan_gpu_memory(
         engine.plan, engine.model_config, engine.hardware,
         dtype=engine.timing_dtype if quant is None else quant.weight_format,
-        kv_cache_dtype=kv_dtype or (None if quant is None else base.act_dtype),
+        kv_cache_dtype=kv_dtype or (None if quant is None else engine.cost_model.act_dtype),
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,

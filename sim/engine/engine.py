@@ -27,7 +27,7 @@ from cache.beam_search import BeamGroup
 from cache.parallel_sampling import make_samples, sample_rng
 from parallel.plan import ParallelPlan
 from sim.core.errors import ConfigError
-from sim.core.protocols import Executor, KVCacheManager, Scheduler
+from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
 from sim.core.quantization import quant_spec
 from sim.core.request import Request, SamplingParams
 from sim.core.step import StepPlan
@@ -70,7 +70,7 @@ class Engine:
                                            args.enable_expert_parallel)
         self.sharded = self.plan.tp * self.plan.pp > 1  # one replica spans several GPUs
         self.parallel_stats: Any = None  # `ParallelStats` of the last run (dp > 1 or pp > 1)
-        self.cost_model: Any = build_cost_model(self, kv_dtype)
+        self.cost_model: Pricer = build_cost_model(self, kv_dtype)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(

@@ -82,7 +82,7 @@ def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],
     router = ROUTERS[args.data_parallel_router](dp) if multi else None
     info = ParallelStats(dp, pp, [0] * dp, [[0.0] * pp for _ in range(dp)],
                          router=args.data_parallel_router)
-    stages = (StageClock(cost, info) if pp > 1 and hasattr(cost, "stage_times_s") else None)
+    stages = StageClock(cost, info) if pp > 1 else None
     # timing-only: run certain plain-decode stretches without a plan per step
     coast = (engine.coast_enabled and not functional and stages is None
              and hasattr(lanes[0].scheduler, "coast_horizon") and speculation is None)

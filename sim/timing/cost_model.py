@@ -19,8 +19,16 @@ context, in sequences and in the new tokens of a prefill, but turning a long-con
 2-token step can cost less attention time when the prefill kernel is compute-bound (its memory
 traffic then overlaps the compute).
 
+KV eviction (`cache.kv_eviction`) is a cap on the cached context one sequence's attention reads
+(`kv_context_cap_tokens`), applied in `features`, the one place every price goes through, so
+`step_cost`, `step_time_s`, `roofline_bound_s`, `stage_times_s` and the `layer_op_*` numbers
+all see the same step: a capped step costs exactly what the step with every context replaced
+by `min(context, cap)` costs uncapped.
+
 Tensor parallelism divides the per-GPU work; the `comm` part is 0 here:
-`parallel.cost.ParallelCostModel` wraps this model and prices the collectives.
+`parallel.cost.ParallelCostModel` wraps this model and prices the collectives. Both satisfy
+`sim.core.protocols.Pricer`, what the engine needs from a step pricer (this one as a 1-stage
+pipeline).
 
 References: Williams et al. 2009 (roofline); Yuan et al. 2024 (LLM-Viewer, roofline analysis of
 LLM inference); Agrawal et al. 2024 (Vidur, operator-level simulation of LLM serving).
@@ -35,6 +43,7 @@ import numpy as np
 from sim.core.dtypes import canonical_dtype, dtype_bytes
 from sim.core.errors import ConfigError
 from sim.core.model_config import ModelConfig
+from sim.core.quantization import QuantSpec
 from sim.core.step_shape import StepCost, StepShape
 from sim.timing.hardware import HardwareProfile
 from sim.timing.roofline import (
@@ -95,15 +104,33 @@ class CostModel:
 
     `dtype` is the weight/activation dtype (default: the model's); it picks the GEMM peak FLOP/s
     and the weight bytes (weight-only int4 computes in 16 bit). `kv_cache_dtype` (default: the
-    activation dtype) sets the KV bytes. `quantization` (a `sim.quantization.QuantSpec`, already
-    resolved for `hardware`) prices quantized weights, int8/fp8 GEMMs and (de)quantization work
-    on top of the 16-bit `dtype` (see `sim.timing.quantization`).
+    activation dtype) sets the KV bytes. `quantization` (a `sim.core.quantization.QuantSpec`,
+    already resolved for `hardware`) prices quantized weights, int8/fp8 GEMMs and
+    (de)quantization work on top of the 16-bit `dtype` (see `sim.timing.quantization`).
+
+    `kv_context_cap_tokens` (None: no cap) is the most cached tokens of one sequence that the
+    step's attention reads, the KV eviction budget (`cache.kv_eviction.KVEviction.budget`):
+    each sequence is priced with context `min(context, cap)`, its new tokens attending to that
+    capped context and, causally, to each other (the model's own `sliding_window` then applies
+    on top). Per policy, with `budget` the positions it keeps per sequence (and layer):
+
+    - H2O (Zhang et al. 2023) keeps at most `budget` positions; a new token reads the kept set
+      plus itself, so a decode reads `min(context, budget) + 1` keys: the cap is exact.
+    - Sliding window (Jiang et al. 2023) and StreamingLLM (Xiao et al. 2023: sinks + window)
+      let a query read its window *including itself*, so a decode reads
+      `min(context, budget - 1) + 1` keys; the cap prices one key more per sequence, an upper
+      bound within 1/budget of the attention reads.
+    - A prefill chunk's KV is all resident during its step (the manager holds it, evictions
+      follow the step) and it is priced as a dense causal block over the capped context plus
+      the chunk; the functional model lets each of its queries read at most `budget` keys, so
+      for a chunk longer than the budget this is an upper bound on the kernel's work.
     """
 
     def __init__(self, model: ModelConfig, hardware: HardwareProfile, dtype: str | None = None,
                  kv_cache_dtype: str | None = None, tensor_parallel_size: int = 1,
                  step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
-                 quantization: Any = None) -> None:
+                 quantization: QuantSpec | None = None,
+                 kv_context_cap_tokens: int | None = None) -> None:
         tp = int(tensor_parallel_size)
         if tp < 1 or model.n_head % tp:
             raise ConfigError(
@@ -112,6 +139,12 @@ class CostModel:
             )
         if step_overhead_s < 0:
             raise ConfigError(f"step_overhead_s must be >= 0, got {step_overhead_s}")
+        cap = kv_context_cap_tokens
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"kv_context_cap_tokens must be None (no KV eviction) or a "
+                              f"positive number of tokens (the eviction budget), got {cap!r}")
+        #: most cached tokens per sequence that attention reads (None: the whole context)
+        self.kv_context_cap_tokens = cap
         self.model, self.hardware, self.tensor_parallel_size = model, hardware, tp
         self.quantization = quantization
         self.dtype = canonical_dtype(dtype or model.dtype)
@@ -204,6 +237,9 @@ class CostModel:
                               shape.total_logits)
 
     def _features(self, new: tuple[int, ...], ctx: tuple[int, ...], num_logits: int) -> np.ndarray:
+        cap = self.kv_context_cap_tokens
+        if cap is not None and max(ctx) > cap:  # KV eviction: attention reads <= cap cached
+            ctx = tuple([min(c, cap) for c in ctx])
         num_seq = len(new)
         num_dec = new.count(1)
         window = self._window
@@ -268,6 +304,15 @@ class CostModel:
         _, _, _, flops, nbytes = self._terms(self.features(shape))
         return max(flops / self._roof_peak_flops, nbytes / self.hbm_bytes_per_s)
 
+    def stage_times_s(self, shape: StepShape) -> list[float]:
+        """Busy seconds of each pipeline stage: one stage here, the step without its overhead
+        (`sim.core.protocols.Pricer`; `parallel.cost.ParallelCostModel` splits the layers)."""
+        return [float(self._terms(self.features(shape))[0].sum())]
+
+    def send_recv_s(self, shape: StepShape) -> float:
+        """Seconds of one stage-boundary transfer: 0, a single stage has no boundary."""
+        return 0.0
+
     def layer_op_times_s(self, num_tokens: int) -> dict[str, float]:
         """Seconds of one instance of each operator for a prefill of `num_tokens` tokens from an
         empty cache (what calibration compares with measured per-layer kernel times)."""
@@ -285,7 +330,9 @@ class CostModel:
     def describe(self) -> str:
         m = self.model
         quant = "" if self.quantization is None else f" {self.quantization.describe()}"
-        return (f"timing: {m.name} {self.dtype}{quant} (kv {self.kv_cache_dtype}) on "
+        cap = self.kv_context_cap_tokens
+        kv = self.kv_cache_dtype + ("" if cap is None else f", context <= {cap} tokens")
+        return (f"timing: {m.name} {self.dtype}{quant} (kv {kv}) on "
                 f"{getattr(self.hardware, 'display_name', self.hardware)} "
                 f"x{self.tensor_parallel_size}")
 
