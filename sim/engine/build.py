@@ -103,8 +103,9 @@ def kv_text(engine: Engine) -> str:
         return a.kv_cache
     if a.kv_cache_dtype != "auto":
         text += f", kv_cache_dtype={a.kv_cache_dtype}"
-    if a.kv_eviction is not None:
-        text += f", kv_eviction={a.kv_eviction} (budget {a.eviction().budget})"
+    eviction = a.eviction()
+    if eviction is not None:
+        text += f", kv_eviction={a.kv_eviction} (budget {eviction.budget})"
     return text
 
 
