@@ -1,6 +1,9 @@
 """Schedulers: which requests run each step and with how many tokens.
 
-`SCHEDULERS` maps the engine argument `scheduler=` to a scheduler class.
+`SCHEDULERS` maps the engine argument `scheduler=` to a scheduler class and `SCHEDULER_OPTIONS`
+names the engine arguments each one takes; the keys of `SCHEDULERS` and of
+`batching.policy.POLICIES` (`scheduling_policy=`) are the choices `EngineArgs` accepts and the
+CLI offers (`sim.engine.args.CHOICES`).
 """
 
 from collections.abc import Callable

@@ -13,19 +13,18 @@ and the SJF discussion in "Andes" (Liu et al. 2024).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from sim.core.errors import ConfigError
 from sim.core.request import Request
 
-POLICIES = ("fcfs", "priority", "shortest_prompt_first")
-
-
-def _key(policy: str, req: Request) -> tuple[float, ...]:
-    if policy == "priority":
-        return (req.priority, req.arrival_s, req.index)
-    if policy == "shortest_prompt_first":
-        return (req.num_prompt_tokens, req.arrival_s, req.index)
-    return (req.arrival_s, req.index)
+#: `scheduling_policy=` name -> the sort key of a waiting request (ties: arrival, then index).
+#: The one list of queue policies: `EngineArgs` and the CLI take their choices from its keys.
+POLICIES: dict[str, Callable[[Request], tuple[float, ...]]] = {
+    "fcfs": lambda req: (req.arrival_s, req.index),
+    "priority": lambda req: (req.priority, req.arrival_s, req.index),
+    "shortest_prompt_first": lambda req: (req.num_prompt_tokens, req.arrival_s, req.index),
+}
 
 
 class WaitingQueue:
@@ -33,12 +32,14 @@ class WaitingQueue:
 
     def __init__(self, policy: str = "fcfs") -> None:
         if policy not in POLICIES:
-            raise ValueError(f"scheduling_policy {policy!r} is not one of {', '.join(POLICIES)}")
+            raise ConfigError(f"scheduling_policy={policy!r} is not one of "
+                              f"{', '.join(POLICIES)}")
         self.policy = policy
+        self._key = POLICIES[policy]
         self._items: list[tuple[tuple[float, ...], Request]] = []
 
     def add(self, req: Request) -> None:
-        bisect.insort(self._items, (_key(self.policy, req), req), key=lambda item: item[0])
+        bisect.insort(self._items, (self._key(req), req), key=lambda item: item[0])
 
     def requeue(self, req: Request) -> None:
         """A preempted request: first in line under FCFS, by its key otherwise."""

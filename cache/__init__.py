@@ -1,6 +1,9 @@
 """KV-cache managers (accounting) and the NumPy KV store (contents).
 
-`KV_CACHES` maps the engine argument `kv_cache=` to a manager class.
+`KV_CACHES` maps the engine argument `kv_cache=` to a manager class; its keys are the choices
+`EngineArgs` accepts and the CLI offers (`sim.engine.args.CHOICES`), as are the other option lists
+of this package: `cache.contiguous.RESERVATIONS`, `cache.paged.PREEMPTION_MODES` and
+`cache.kv_eviction.KV_EVICTION_POLICIES`.
 """
 
 from collections.abc import Callable

@@ -19,11 +19,25 @@ Yu et al., OSDI'22 (Orca); NVIDIA FasterTransformer.
 
 from __future__ import annotations
 
-from sim.core.errors import InfersimError
+from collections.abc import Callable
+
+from sim.core.errors import ConfigError
 from sim.core.request import Request
 from sim.core.usage import KVMemoryUsage
 
-RESERVATIONS = ("max_len", "pow2", "oracle")
+
+def _pow2_tokens(limit: int, max_model_len: int) -> int:
+    return min(1 << (limit - 1).bit_length(), max_model_len)
+
+
+#: `contiguous_reservation=` name -> the tokens a request reserves, from its limit (prompt +
+#: `max_tokens`, capped at `max_model_len`) and `max_model_len`. The one list of reservations:
+#: `EngineArgs` and the CLI take their choices from its keys.
+RESERVATIONS: dict[str, Callable[[int, int], int]] = {
+    "max_len": lambda limit, max_model_len: max_model_len,
+    "pow2": _pow2_tokens,
+    "oracle": lambda limit, max_model_len: limit,
+}
 
 
 class ContiguousKVCache:
@@ -35,23 +49,19 @@ class ContiguousKVCache:
         if num_kv_tokens < 0 or max_model_len < 1:
             raise ValueError("num_kv_tokens must be >= 0 and max_model_len >= 1")
         if reservation not in RESERVATIONS:
-            raise InfersimError(f"contiguous_reservation={reservation!r} is not one of "
-                                f"{', '.join(RESERVATIONS)}")
+            raise ConfigError(f"contiguous_reservation={reservation!r} is not one of "
+                              f"{', '.join(RESERVATIONS)}")
         self.num_kv_tokens = num_kv_tokens
         self.max_model_len = max_model_len
         self.reservation = reservation
+        self._reservation_tokens = RESERVATIONS[reservation]
         self._reserved: dict[str, int] = {}  # request_id -> reserved tokens
         self._used: dict[str, int] = {}  # request_id -> tokens with KV
         self._limit: dict[str, int] = {}  # request_id -> its limit (for usage())
         self._num_reserved = 0
 
     def reservation_tokens(self, request: Request) -> int:
-        if self.reservation == "max_len":
-            return self.max_model_len
-        limit = request.max_len(self.max_model_len)
-        if self.reservation == "oracle":
-            return limit
-        return min(1 << (limit - 1).bit_length(), self.max_model_len)
+        return self._reservation_tokens(request.max_len(self.max_model_len), self.max_model_len)
 
     def never_fits(self, request: Request, max_len: int) -> str | None:
         need = self.reservation_tokens(request)

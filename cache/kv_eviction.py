@@ -63,6 +63,7 @@ from sim.core.protocols import KVStore
 from sim.model.kv_quant import KVCodec
 from sim.model.paged_store import PagedKVStore
 
+#: the one list of `kv_eviction` choices (`EngineArgs` and the CLI take theirs from it)
 KV_EVICTION_POLICIES = ("sliding_window", "streaming_llm", "h2o")
 
 

@@ -87,6 +87,8 @@ class PrefixAffinityRouter:
 
 Router = RoundRobinRouter | LeastOutstandingRouter | PrefixAffinityRouter
 
+#: `data_parallel_router=` name -> router class (built with the number of replicas). The one
+#: list of routers: `EngineArgs` and the CLI take their choices from its keys.
 ROUTERS: dict[str, Callable[[int], Router]] = {
     "round_robin": RoundRobinRouter,
     "least_outstanding": LeastOutstandingRouter,

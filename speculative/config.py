@@ -30,6 +30,7 @@ from typing import Any
 
 from sim.core.errors import ConfigError, suggest
 
+#: the one list of `speculative_config` methods (`EngineArgs` validates through this config)
 METHODS = ("draft_model", "ngram")
 
 

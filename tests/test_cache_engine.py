@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pytest
 
-from cache.paged import PagedKVCache
 from sim import LLM, SamplingParams
 from sim.core.request import Request, Status
 from sim.engine.args import EngineArgs
@@ -22,6 +21,7 @@ from sim.engine.engine import Engine
 from sim.executor.timing import TimingExecutor
 from sim.workload.shared_prefix import shared_prefix_workload
 from sim.workload.specs import make_workload
+from tests.utils import create_scheduler
 
 RNG = np.random.default_rng(0)
 SYSTEM = RNG.integers(1, 200, 37).tolist()
@@ -79,10 +79,9 @@ def timing_requests(engine: Engine, n: int, prompt: int, out: int) -> list[Reque
 
 
 def test_victim_is_the_most_recently_admitted_and_requeued_first():
-    engine = Engine(EngineArgs(mode="timing", kv_cache="paged", block_size=4,
-                               num_gpu_blocks_override=1024, max_model_len=64))
-    kv = PagedKVCache(6, 4)
-    scheduler = engine._scheduler(kv)
+    # a pool of 6 blocks (24 tokens) is smaller than max_model_len: built apart from the engine
+    engine, kv, scheduler = create_scheduler(num_blocks=6, kv_cache="paged", block_size=4,
+                                             max_model_len=64)
     reqs = timing_requests(engine, 3, 8, 8)  # 2 blocks each: the pool is full after admission
     for r in reqs:
         assert scheduler.add(r) is None
@@ -129,10 +128,9 @@ def test_coasting_is_identical_with_paged_growth_and_preemption(limits, rate):
 
 
 def test_all_blocks_free_at_the_end_with_preemption_and_prefix_caching():
-    engine = run_timing(kv_cache="paged", block_size=8, num_gpu_blocks_override=30,
-                        max_model_len=160, enable_prefix_caching=True)
-    kv = engine._kv_manager()
-    scheduler = engine._scheduler(kv)
+    engine, kv, scheduler = create_scheduler(kv_cache="paged", block_size=8,
+                                             num_gpu_blocks_override=30, max_model_len=160,
+                                             enable_prefix_caching=True)
     specs = list(shared_prefix_workload(30, math.inf, 24, 30, 50, vocab_size=100, seed=2))
     for i, spec in enumerate(specs):
         assert scheduler.add(engine.request_from_spec(spec, i)) is None

@@ -233,7 +233,8 @@ MANY_PROMPTS = PROMPTS + [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()}
 
 @pytest.mark.parametrize("setting", [{}, PREEMPTED], ids=["plain", "chunked-preempted"])
 @pytest.mark.parametrize("policy,extra", POLICIES)
-def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, setting):
+def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, setting,
+                                                                 monkeypatch):
     """Over the paged store (H2O: in compacted slots), generation equals masked attention over
     all positions (the contiguous path, `EvictingModel.forward` on the whole sequence), with
     prompts longer than the budget, chunked prefill and preemption by recompute; each request
@@ -241,24 +242,18 @@ def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, 
     ev = KVEviction(policy, 6, **{k.removeprefix("kv_eviction_"): v for k, v in extra.items()})
     llm = LLM(dtype="float64", max_model_len=96, kv_eviction=policy, kv_eviction_window=6,
               block_size=4, **extra, **setting)
-    managers = []
-    make = llm.engine._kv_manager
+    managers: list[PagedKVCache] = []  # every paged manager the run allocates in
+    allocate = PagedKVCache.allocate
 
-    def checked_manager():
-        kv = make()
-        allocate = kv.allocate
+    def checked(kv, req, num_tokens, hit=0):
+        if not any(m is kv for m in managers):
+            managers.append(kv)
+        ok = allocate(kv, req, num_tokens, hit)
+        held = [b for b in kv.block_table(req.request_id) if b >= 0]
+        assert len(held) <= ev.max_held_blocks(req.num_prompt_tokens, 96, 4)
+        return ok
 
-        def checked(req, num_tokens, hit=0):
-            ok = allocate(req, num_tokens, hit)
-            held = [b for b in kv.block_table(req.request_id) if b >= 0]
-            assert len(held) <= ev.max_held_blocks(req.num_prompt_tokens, 96, 4)
-            return ok
-
-        kv.allocate = checked
-        managers.append(kv)
-        return kv
-
-    llm.engine._kv_manager = checked_manager
+    monkeypatch.setattr(PagedKVCache, "allocate", checked)
     prompts = MANY_PROMPTS if setting else PROMPTS[:2]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     assert (llm.last_result.stats.num_preemptions > 0) == bool(setting)

@@ -184,7 +184,7 @@ def test_swap_moves_only_kept_blocks_and_comes_back_within_the_budget(policy):
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("policy,extra", POLICIES)
-def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
+def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype, monkeypatch):
     """Swap preemption under a small pool gives the never-preempted tokens: the kept blocks
     (codes and scales) come back, and H2O's slot state stays with the sequence."""
     kw = dict(dtype="float64", max_model_len=128, kv_eviction=policy, kv_eviction_window=6,
@@ -196,24 +196,19 @@ def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
     pool = {"sliding_window": 16, "streaming_llm": 12, "h2o": 14}[policy]
     llm = LLM(**kw, preemption_mode="swap", num_gpu_blocks_override=pool,
               enable_chunked_prefill=True, max_num_batched_tokens=16)
-    managers, swaps = [], []
-    make = llm.engine._kv_manager
+    managers: list[PagedKVCache] = []  # every paged manager the run preempts in
+    swaps = []
+    preempt = PagedKVCache.preempt
 
-    def checked_manager():
-        kv = make()
-        preempt = kv.preempt
+    def checked(kv, req):
+        if not any(m is kv for m in managers):
+            managers.append(kv)
+        swapped = preempt(kv, req)
+        swaps.append((swapped, req.num_computed))
+        kv.check()
+        return swapped
 
-        def checked(req):
-            swapped = preempt(req)
-            swaps.append((swapped, req.num_computed))
-            kv.check()
-            return swapped
-
-        kv.preempt = checked
-        managers.append(kv)
-        return kv
-
-    llm.engine._kv_manager = checked_manager
+    monkeypatch.setattr(PagedKVCache, "preempt", checked)
     assert _tokens(llm, PROMPTS, 60) == ref
     (kv,) = managers
     assert swaps and all(swapped for swapped, _ in swaps)  # swapped, never recomputed

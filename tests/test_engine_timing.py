@@ -11,6 +11,7 @@ from sim.core.request import Status
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.workload.specs import RequestSpec, make_workload
+from tests.utils import create_scheduler
 
 
 def timing_engine(**kwargs) -> Engine:
@@ -39,9 +40,7 @@ def test_every_request_ends_and_tokens_add_up(scheduler, kv_cache):
 
 
 def test_kv_is_all_free_at_the_end():
-    engine = timing_engine(max_num_seqs=4)
-    kv = engine._kv_manager()
-    scheduler = engine._scheduler(kv)
+    engine, kv, scheduler = create_scheduler(max_num_seqs=4)
     for spec in make_workload(10, math.inf, 32, 8, seed=0):
         assert scheduler.add(engine.request_from_spec(spec, 0)) is None
     from sim.executor.timing import TimingExecutor

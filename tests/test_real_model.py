@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from cache import KV_CACHES
 from sim import LLM, SamplingParams
 from sim.core.errors import ConfigError
-from sim.engine.args import KV_CACHE_CHOICES
 from sim.model.real_models import SMOLLM2, is_installed
 from sim.model.zoo import resolve_model
 
@@ -116,7 +116,7 @@ def test_greedy_text_is_stable_across_kv_layouts_and_batch_mixes():
     expect = [generate(model, tok.encode(p), max_tokens, tok.eos_token_ids) for p in prompts]
     assert all(len(e) == max_tokens for e in expect)
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    runs = [(kv_cache, 2) for kv_cache in KV_CACHE_CHOICES] + [("contiguous", 1)]
+    runs = [(kv_cache, 2) for kv_cache in KV_CACHES] + [("contiguous", 1)]
     for kv_cache, max_num_seqs in runs:  # batched decode steps, and one request at a time
         llm = LLM(model=NAME, dtype="float64", kv_cache=kv_cache, max_num_seqs=max_num_seqs)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -23,6 +23,7 @@ from sim.engine.engine import Engine
 from sim.workload.specs import RequestSpec
 from speculative.acceptance import AcceptanceTrace, RequestAcceptance
 from speculative.config import SpeculativeConfig
+from tests.utils import create_scheduler
 
 MODEL = "meta-llama/Llama-2-7b-hf"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
@@ -182,10 +183,8 @@ def test_timing_mode_replays_an_acceptance_trace(tmp_path):
 def test_speculative_tokens_count_against_the_token_budget():
     spec = {"method": "draft_model", "model": "JackFram/llama-68m",
             "num_speculative_tokens": 4, "acceptance_rate": 0.5}
-    engine = Engine(EngineArgs(MODEL, mode="timing", speculative_config=spec,
-                               max_num_batched_tokens=2048, max_num_seqs=8))
-    kv = engine._kv_manager()
-    sched = engine._scheduler(kv)
+    engine, kv, sched = create_scheduler(model=MODEL, speculative_config=spec,
+                                         max_num_batched_tokens=2048, max_num_seqs=8)
     engine.speculation.attach(sched, None, kv, engine.max_model_len, None)
     for i in range(8):
         sched.add(engine.request_from_spec(RequestSpec(f"r{i}", 0.0, 200, 50), i))

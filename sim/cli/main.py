@@ -21,16 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim.core.errors import InfersimError
-from sim.engine.args import (
-    CONTIGUOUS_RESERVATIONS,
-    DTYPE_CHOICES,
-    KV_CACHE_CHOICES,
-    KV_CACHE_DTYPES,
-    MODES,
-    PREEMPTION_MODES,
-    SCHEDULER_CHOICES,
-    EngineArgs,
-)
+from sim.engine.args import CHOICES, EngineArgs
 from sim.model.zoo import DEFAULT_MODEL
 from sim.timing.hardware import DEFAULT_HARDWARE
 
@@ -40,6 +31,12 @@ transformer (a seeded tiny proxy of the named model, or real local weights) and 
 engine step for the named model on a GPU profile, on a simulated clock."""
 
 
+def choices(name: str) -> tuple[str, ...]:
+    """The choices of engine argument `name`, read from its registry when the parser is built
+    (`sim.engine.args.CHOICES`), so `--help` offers what `EngineArgs` accepts."""
+    return tuple(CHOICES[name])
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (vLLM names)")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -47,13 +44,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "(+ safetensors for real weights); see `infersim models`")
     g.add_argument("--hardware", default=DEFAULT_HARDWARE,
                    help="GPU profile name or .toml path; see `infersim profiles`")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    g.add_argument("--dtype", default="auto", choices=choices("dtype"),
                    help="weights/compute dtype priced on the GPU; float64 also runs the "
                         "functional model in float64")
-    g.add_argument("--mode", default="functional", choices=MODES,
+    g.add_argument("--mode", default="functional", choices=choices("mode"),
                    help="functional: real NumPy tokens; timing: token counts only (fast)")
     g.add_argument("--seed", type=int, default=0, help="seed of workload and sampling")
-    g.add_argument("--kv-cache", default="paged", choices=KV_CACHE_CHOICES,
+    g.add_argument("--kv-cache", default="paged", choices=choices("kv_cache"),
                    help="paged (default, vLLM): blocks of --block-size tokens allocated as "
                         "requests grow; contiguous: one reservation per request (see "
                         "--contiguous-reservation); none: recompute the whole sequence every step")
@@ -61,10 +58,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action="store_true",
                    help="paged: share cached prompt-prefix blocks (hash-chained, LRU eviction)")
     g.add_argument("--contiguous-reservation", default="max_len",
-                   choices=CONTIGUOUS_RESERVATIONS,
+                   choices=choices("contiguous_reservation"),
                    help="contiguous: reserve max_model_len (Orca Max), the next power of two of "
                         "the request's limit (Pow2), or exactly its final length (Oracle)")
-    g.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES,
+    g.add_argument("--preemption-mode", default="recompute", choices=choices("preemption_mode"),
                    help="paged, out of blocks: free the newest request's KV and recompute it, "
                         "or swap it to host memory over the PCIe link")
     g.add_argument("--swap-space", type=float, default=4.0,
@@ -72,7 +69,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="KV pool size in blocks instead of what the memory plan leaves")
     g.add_argument("--kv-eviction", default=None,
-                   choices=("sliding_window", "streaming_llm", "h2o"),
+                   choices=choices("kv_eviction"),
                    help="paged: keep only some KV per request (cache.kv_eviction): the last "
                         "--kv-eviction-window tokens, plus --kv-eviction-sinks first tokens "
                         "(streaming_llm) or --kv-eviction-heavy heavy hitters (h2o)")
@@ -82,10 +79,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="--kv-eviction streaming_llm: attention-sink tokens kept")
     g.add_argument("--kv-eviction-heavy", type=int, default=0,
                    help="--kv-eviction h2o: heavy-hitter tokens kept")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+    g.add_argument("--kv-cache-dtype", default="auto", choices=choices("kv_cache_dtype"),
                    help="8-bit KV (fp8 = fp8_e4m3, fp8_e5m2, int8; per-token, per-head scales): "
                         "twice the KV capacity of 16-bit, priced and quantized for real")
-    g.add_argument("--scheduler", default="continuous", choices=SCHEDULER_CHOICES,
+    g.add_argument("--scheduler", default="continuous", choices=choices("scheduler"),
                    help="static: request-level batches; dynamic: request-level, Triton-style "
                         "preferred sizes and queue delay; continuous: iteration-level (Orca/vLLM)")
     g.add_argument("--max-wait-s", type=float, default=0.0,
@@ -102,7 +99,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-partial-prefills", type=int, default=1,
                    help="chunked prefill: prompts in progress at once")
     g.add_argument("--scheduling-policy", default="fcfs",
-                   choices=("fcfs", "priority", "shortest_prompt_first"),
+                   choices=choices("scheduling_policy"),
                    help="waiting-queue order: arrival, request priority (lower first, may "
                         "preempt), or shortest prompt first")
     g.add_argument("--kv-watermark", type=float, default=0.01,
@@ -128,10 +125,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE: place experts whole over the tensor-parallel GPUs")
     g.add_argument("--data-parallel-router", default="round_robin",
-                   choices=("round_robin", "least_outstanding", "prefix_affinity"),
+                   choices=choices("data_parallel_router"),
                    help="how requests pick a replica when --data-parallel-size > 1")
     g.add_argument("--quantization", default=None,
-                   choices=("int8", "int4", "gptq", "w8a8", "fp8"),
+                   choices=choices("quantization"),
                    help="weights (and activations for w8a8 / fp8): int8 / int4 weight-only "
                         "round-to-nearest, gptq (int4, error-compensated on calibration text), "
                         "w8a8 (SmoothQuant int8), fp8 (e4m3); default: unquantized")

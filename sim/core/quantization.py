@@ -30,7 +30,10 @@ from dataclasses import dataclass, replace
 
 from sim.core.errors import ConfigError
 
-METHODS = ("int8", "int4", "gptq", "w8a8", "fp8")
+#: methods that quantize weights only (activations stay 16-bit)
+WEIGHT_ONLY_METHODS = ("int8", "int4", "gptq")
+#: the one list of `quantization` choices (`EngineArgs` and the CLI take theirs from it)
+METHODS = (*WEIGHT_ONLY_METHODS, "w8a8", "fp8")
 DEFAULT_GROUP_SIZE = 128
 SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant's migration strength for most models (Xiao et al. 2023)
 _SCALE_BYTES = 2.0  # one fp16 scale per group
@@ -59,8 +62,8 @@ class QuantSpec:
             raise ConfigError(f"quantization_group_size must be a positive integer or -1 (one "
                               f"group per output channel), got {g!r}")
         if self.weight_only is None:
-            object.__setattr__(self, "weight_only", self.method in ("int8", "int4", "gptq"))
-        if self.method in ("int8", "int4", "gptq") and not self.weight_only:
+            object.__setattr__(self, "weight_only", self.method in WEIGHT_ONLY_METHODS)
+        if self.method in WEIGHT_ONLY_METHODS and not self.weight_only:
             raise ConfigError(f"{self.method} is weight-only; use w8a8 or fp8 to quantize "
                               "activations too")
 

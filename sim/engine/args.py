@@ -1,14 +1,15 @@
 """Engine arguments, with vLLM's names wherever vLLM has one.
 
 Ours: `hardware` (a profile name or TOML path), `mode` (`functional`: real NumPy tokens;
-`timing`: token counts only, fast), `kv_cache` (`none`, `contiguous`, `paged`; with
-`block_size`, `enable_prefix_caching`, `contiguous_reservation` = `max_len` | `pow2` | `oracle`,
-`preemption_mode` = `recompute` | `swap` and `swap_space` GiB; `kv_cache_dtype` = `auto` | `fp8`
-| `fp8_e4m3` | `fp8_e5m2` | `int8`, 8-bit KV in `sim.model.kv_quant`; `kv_eviction` = `sliding_window`
-| `streaming_llm` | `h2o` with `kv_eviction_window` / `_sinks` / `_heavy`, in `cache.kv_eviction`),
-`scheduler` (`static`, `continuous`), `functional_model` (what computes tokens when it should
+`timing`: token counts only, fast), `functional_model` (what computes tokens when it should
 differ from `model`, the shape that is priced: by default a seeded tiny proxy of a built-in
-shape, or the real weights of a local checkpoint folder).
+shape, or the real weights of a local checkpoint folder), the contiguous KV baselines
+(`contiguous_reservation`), KV eviction (`kv_eviction` with `kv_eviction_window` / `_sinks` /
+`_heavy`), the request-level schedulers' waits and the data-parallel router.
+
+Every choice-valued argument takes its choices from the package that implements them (`CHOICES`:
+the registry's keys, or the tuple beside the implementation), so a policy added there is accepted
+here and offered by the CLI without being listed twice.
 
 References: vLLM `vllm/engine/arg_utils.py` (EngineArgs).
 """
@@ -16,23 +17,65 @@ References: vLLM `vllm/engine/arg_utils.py` (EngineArgs).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from batching import SCHEDULERS
+from batching.policy import POLICIES as SCHEDULING_POLICIES
+from cache import KV_CACHES
+from cache.contiguous import RESERVATIONS as CONTIGUOUS_RESERVATIONS
+from cache.kv_eviction import KV_EVICTION_POLICIES, KVEviction
+from cache.paged import PREEMPTION_MODES
+from parallel.data import ROUTERS as DATA_PARALLEL_ROUTERS
+from sim.core.dtypes import canonical_dtype
 from sim.core.errors import ConfigError, suggest
+from sim.core.quantization import METHODS as QUANTIZATION_METHODS
+from sim.core.quantization import QuantSpec
+from sim.model.kv_quant import KV_CACHE_DTYPES
 from sim.model.zoo import DEFAULT_MODEL
 from sim.timing.hardware import DEFAULT_HARDWARE
+from speculative.config import SpeculativeConfig
 
+#: `mode=`: the engine implements both (`sim.engine.build` picks the executor: the NumPy model's
+#: or the token-count-only one)
 MODES = ("functional", "timing")
-KV_CACHE_CHOICES = ("none", "contiguous", "paged")
-CONTIGUOUS_RESERVATIONS = ("max_len", "pow2", "oracle")
-PREEMPTION_MODES = ("recompute", "swap")
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # as sim.model.kv_quant
-SCHEDULER_CHOICES = ("static", "dynamic", "continuous")
-SCHEDULING_POLICIES = ("fcfs", "priority", "shortest_prompt_first")
-DATA_PARALLEL_ROUTERS = ("round_robin", "least_outstanding", "prefix_affinity")
+#: `dtype=`: vLLM's `--dtype` choices (`half` and `float` are the short names of
+#: `sim.core.dtypes.ALIASES`) plus `float64`, which also runs the functional model in float64
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "float64", "half", "float")
+
+#: every choice-valued engine argument -> its choices, each declared once by what implements it.
+#: The registry dicts are held, not copied: an entry added to one at run time is accepted too.
+CHOICES: dict[str, Collection[str]] = {
+    "mode": MODES,
+    "dtype": DTYPE_CHOICES,
+    "kv_cache": KV_CACHES,
+    "contiguous_reservation": CONTIGUOUS_RESERVATIONS,
+    "preemption_mode": PREEMPTION_MODES,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
+    "kv_eviction": KV_EVICTION_POLICIES,
+    "scheduler": SCHEDULERS,
+    "scheduling_policy": SCHEDULING_POLICIES,
+    "data_parallel_router": DATA_PARALLEL_ROUTERS,
+    "quantization": QUANTIZATION_METHODS,
+}
+#: the choice-valued arguments whose default, None, turns the feature off
+OPTIONAL_CHOICES = frozenset({"kv_eviction", "quantization"})
+
+
+def check_choice(name: str, value: object) -> None:
+    """Raise a `ConfigError` naming the argument, the value and its choices (and the closest
+    ones) unless `value` is one of `CHOICES[name]` (or None where `OPTIONAL_CHOICES` allows)."""
+    choices = CHOICES[name]
+    optional = name in OPTIONAL_CHOICES
+    if (value is None and optional) or (isinstance(value, str) and value in choices):
+        return
+    valid = ", ".join(choices) + (" (or None: off)" if optional else "")
+    close = difflib.get_close_matches(str(value), list(choices), n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"{name}={value!r} is not one of {valid}{hint}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +106,7 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's default)
     num_gpu_blocks_override: int | None = None  # KV pool size in blocks instead of the plan's
-    # KV eviction (cache.kv_eviction): sliding_window, streaming_llm (sinks + window), h2o
+    # KV eviction (cache.kv_eviction.KV_EVICTION_POLICIES; None: off)
     kv_eviction: str | None = None
     kv_eviction_window: int = 1024  # recent tokens kept
     kv_eviction_sinks: int = 4  # StreamingLLM attention sinks
@@ -85,7 +128,7 @@ class EngineArgs:
     admission_rate_per_s: float | None = None
     admission_burst: int = 1
     admission_ttft_slo_s: float | None = None
-    # weight / activation quantization (sim.quantization): None, int8, int4, gptq, w8a8, fp8
+    # weight / activation quantization (sim.core.quantization.METHODS; None: unquantized)
     quantization: str | None = None
     quantization_group_size: int = 128
     # speculative decoding (speculative/): vLLM's dict, e.g. {"method": "ngram",
@@ -93,28 +136,13 @@ class EngineArgs:
     speculative_config: Any = None
 
     def __post_init__(self) -> None:
-        if self.speculative_config is not None:
-            from speculative.config import SpeculativeConfig
-
+        for name in CHOICES:
+            check_choice(name, getattr(self, name))
+        if self.speculative_config is not None:  # validates the method and its options
             object.__setattr__(self, "speculative_config",
                                SpeculativeConfig.from_any(self.speculative_config))
-        if self.quantization is not None:  # validates the method and the group size
-            from sim.core.quantization import QuantSpec
-
+        if self.quantization is not None:  # validates the group size for the method
             QuantSpec(self.quantization, self.quantization_group_size)
-        for name, value, choices in (
-            ("mode", self.mode, MODES),
-            ("kv_cache", self.kv_cache, KV_CACHE_CHOICES),
-            ("scheduler", self.scheduler, SCHEDULER_CHOICES),
-            ("dtype", self.dtype, DTYPE_CHOICES),
-            ("contiguous_reservation", self.contiguous_reservation, CONTIGUOUS_RESERVATIONS),
-            ("preemption_mode", self.preemption_mode, PREEMPTION_MODES),
-        ):
-            if value not in choices:
-                raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of "
-                              f"{', '.join(KV_CACHE_DTYPES)} (8-bit KV: sim.model.kv_quant)")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ConfigError(f"block_size must be a power of two from 1 to 256, got "
                               f"{self.block_size}")
@@ -134,9 +162,6 @@ class EngineArgs:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ConfigError(f"scheduling_policy={self.scheduling_policy!r} is not one of "
-                              f"{', '.join(SCHEDULING_POLICIES)}")
         if not 0 <= self.kv_watermark < 1:
             raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
@@ -168,9 +193,6 @@ class EngineArgs:
         for name in ("pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.data_parallel_router not in DATA_PARALLEL_ROUTERS:
-            raise ConfigError(f"data_parallel_router={self.data_parallel_router!r} is not one "
-                              f"of {', '.join(DATA_PARALLEL_ROUTERS)}")
         if self.kv_eviction is not None:
             self._check_eviction()
 
@@ -190,12 +212,10 @@ class EngineArgs:
                 raise ConfigError(f"kv_eviction={self.kv_eviction!r} does not combine with {why}"
                                   " (evicted positions are per sequence); turn one of them off")
 
-    def eviction(self) -> Any:
+    def eviction(self) -> KVEviction | None:
         """The `cache.kv_eviction.KVEviction` asked for, or None."""
         if self.kv_eviction is None:
             return None
-        from cache.kv_eviction import KVEviction
-
         return KVEviction(self.kv_eviction, self.kv_eviction_window, self.kv_eviction_sinks,
                           self.kv_eviction_heavy)
 
@@ -217,4 +237,4 @@ class EngineArgs:
         """The dtype the target GPU is priced in: the checkpoint's unless a GPU dtype is given."""
         if self.dtype in ("auto", "float64"):
             return checkpoint_dtype
-        return {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
+        return canonical_dtype(self.dtype)  # `half` -> float16, `float` -> float32

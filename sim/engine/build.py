@@ -100,29 +100,47 @@ def kv_text(engine: Engine) -> str:
         return a.kv_cache
     if a.kv_cache_dtype != "auto":
         text += f", kv_cache_dtype={a.kv_cache_dtype}"
-    if a.kv_eviction is not None:
-        text += f", kv_eviction={a.kv_eviction} (budget {a.eviction().budget})"
+    eviction = a.eviction()
+    if eviction is not None:
+        text += f", kv_eviction={a.kv_eviction} (budget {eviction.budget})"
     return text
 
 
-def make_kv_manager(engine: Engine) -> KVCacheManager:
+def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheManager:
+    """A fresh KV manager for one lane of `engine`, as `kv_cache` asks: `num_blocks` blocks of
+    `block_size` tokens (default: the engine's pool, `num_gpu_blocks_override` or the memory
+    plan's), whether paged or one contiguous reservation per request.
+
+    Public for tests that drive a scheduler step by step (vLLM builds its test schedulers the same
+    way, `tests/v1/core/utils.py:create_scheduler`); a pool smaller than `max_model_len` is
+    allowed here, unlike for the engine itself, so preemption can be provoked in a few steps.
+    """
     args = engine.args
+    if num_blocks is not None and num_blocks < 0:
+        raise ConfigError(f"num_blocks must be >= 0, got {num_blocks}")
     if args.kv_cache == "none":
+        if num_blocks is not None:
+            raise ConfigError(f"num_blocks={num_blocks} with kv_cache='none': this engine keeps "
+                              "no KV; drop num_blocks or choose kv_cache='paged'/'contiguous'")
         return KV_CACHES["none"]()
     if args.kv_cache == "paged":
         paged = PagedKVCache(
-            engine.num_kv_blocks, args.block_size,
+            engine.num_kv_blocks if num_blocks is None else num_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
             eviction=args.eviction())
         paged.record_block_ops = args.mode == "functional"
         return paged
-    return KV_CACHES[args.kv_cache](engine.num_kv_tokens, engine.max_model_len,
-                                    args.contiguous_reservation)
+    # (the engine's own token count by default: a pipeline lane's share is counted in tokens)
+    num_tokens = engine.num_kv_tokens if num_blocks is None else num_blocks * args.block_size
+    return KV_CACHES[args.kv_cache](num_tokens, engine.max_model_len, args.contiguous_reservation)
 
 
-def make_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
+def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
+    """A fresh scheduler of `engine`'s kind over `kv`, with the engine's limits, stop criteria
+    and the options its kind takes (`batching.SCHEDULER_OPTIONS`). Public for tests, as
+    `build_kv_manager`."""
     stop = StopCriteria(engine.eos_token_ids, engine.max_model_len)
     name = engine.args.scheduler
     options = {key: getattr(engine.args, key) for key in SCHEDULER_OPTIONS[name]}

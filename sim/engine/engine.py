@@ -36,10 +36,9 @@ from sim.engine.build import (
     build_cost_model,
     build_functional,
     build_memory_plan,
+    build_scheduler,
     kv_text,
     make_executor,
-    make_kv_manager,
-    make_scheduler,
 )
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepStats
@@ -116,11 +115,11 @@ class Engine:
             self.description += f"; speculative: {self.speculation.describe()}"
 
     # ------------------------------------------------------------------ building blocks
-    def _kv_manager(self) -> KVCacheManager:
-        return make_kv_manager(self)
-
     def _scheduler(self, kv: KVCacheManager) -> Scheduler:
-        return make_scheduler(self, kv)
+        """The scheduler of one lane (`sim.engine.build.build_scheduler`), through a method so a
+        subclass can watch it: `benchmarks/beam_search.py` samples its running requests' block
+        tables. Tests build theirs with `build_scheduler` (`tests/utils.create_scheduler`)."""
+        return build_scheduler(self, kv)
 
     def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
         return make_executor(self, retains_kv, kv)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sim.core.step import StepPlan
+from sim.engine.build import build_kv_manager
 
 if TYPE_CHECKING:
     from cache.beam_search import BeamSearch
@@ -88,7 +89,7 @@ def make_lanes(engine: Engine) -> list[Lane]:
     lanes: list[Lane] = []
     for r in range(dp):
         for _ in range(pp):
-            kv = lane_engine._kv_manager()
+            kv = build_kv_manager(lane_engine)
             lanes.append(Lane(len(lanes), r, lane_engine._scheduler(kv), kv))
     return lanes
 

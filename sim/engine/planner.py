@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cache import KV_CACHES
 from parallel.plan import ParallelPlan, candidate_plans
 from sim.core.errors import InfersimError
 from sim.core.step_shape import StepShape
-from sim.engine.args import KV_CACHE_CHOICES, EngineArgs
+from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.model.zoo import resolve_model
 from sim.workload.specs import make_workload
@@ -54,7 +55,7 @@ def evaluate_plan(model: str, hardware: str, plan: ParallelPlan, num_prompts: in
                   input_len: int = 512, output_len: int = 128, request_rate: float = math.inf,
                   seed: int = 0) -> PlanResult:
     """Simulate `plan` (timing-only) on the workload; a plan that cannot run is reported."""
-    kv_cache = "paged" if "paged" in KV_CACHE_CHOICES else "contiguous"
+    kv_cache = "paged" if "paged" in KV_CACHES else "contiguous"
     head: dict[str, Any] = {"tp": plan.tp, "pp": plan.pp, "ep": plan.ep, "dp": plan.dp}
     try:
         args = EngineArgs(model=model, hardware=hardware, mode="timing", kv_cache=kv_cache,

@@ -28,8 +28,13 @@ import numpy as np
 from sim.core.errors import ConfigError
 from sim.model.quantization.formats import FP8_FORMATS, fp8_decode, fp8_encode
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
-_CANONICAL = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2", "int8": "int8"}
+#: the 8-bit formats a `KVCodec` stores
+CODECS = ("fp8_e4m3", "fp8_e5m2", "int8")
+#: `kv_cache_dtype=` name -> its codec: every codec by its own name, plus vLLM's alias `fp8`
+_CANONICAL = {"fp8": "fp8_e4m3", **{name: name for name in CODECS}}
+#: the one list of `kv_cache_dtype` choices (`EngineArgs` and the CLI take theirs from it):
+#: `auto` (the model's dtype, unquantized) and every 8-bit name
+KV_CACHE_DTYPES = ("auto", *_CANONICAL)
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,9 @@ class KVCodec:
     name: str  # fp8_e4m3, fp8_e5m2 or int8
 
     def __post_init__(self) -> None:
-        if self.name not in ("fp8_e4m3", "fp8_e5m2", "int8"):
-            raise ConfigError(f"KVCodec: unknown format {self.name!r}; use fp8_e4m3, fp8_e5m2 or "
-                              "int8")
+        if self.name not in CODECS:
+            raise ConfigError(f"KVCodec: unknown format {self.name!r}; use one of "
+                              f"{', '.join(CODECS)}")
 
     @property
     def code_dtype(self) -> np.dtype:
