@@ -26,9 +26,21 @@ W8A8 with per-token dynamic activation scales); Micikevicius et al. 2022 (FP8 fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from sim.core.errors import ConfigError
+
+
+class TensorCores(Protocol):
+    """What `QuantSpec.resolve` reads of a device (`sim.timing.hardware.HardwareProfile`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def peak_flops(self) -> Mapping[str, float]: ...
 
 #: methods that quantize weights only (activations stay 16-bit)
 WEIGHT_ONLY_METHODS = ("int8", "int4", "gptq")
@@ -120,11 +132,10 @@ class QuantSpec:
         return "int8" if self.method == "w8a8" else "fp8_e4m3"
 
     # ------------------------------------------------------------------ device
-    def resolve(self, hardware: object) -> QuantSpec:
+    def resolve(self, hardware: TensorCores) -> QuantSpec:
         """This spec as it runs on `hardware` (a `HardwareProfile`): fp8 without fp8 tensor
         cores falls back to weight-only fp8; int8 without int8 tensor cores is an error."""
-        peaks = getattr(hardware, "peak_flops", {})
-        name = getattr(hardware, "name", str(hardware))
+        peaks, name = hardware.peak_flops, hardware.name
         if self.method == "fp8" and not self.weight_only and "fp8_e4m3" not in peaks:
             return replace(self, weight_only=True, note=(
                 f"{name} has no fp8 tensor cores: fp8 runs weight-only (W8A16, weights "

@@ -15,7 +15,7 @@ References: vLLM `vllm/entrypoints/llm.py`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -31,6 +31,7 @@ from sim.core.request import (
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.engine.records import SimulationResult
+from sim.model.gguf_tokenizer import GGUFTokenizer
 from sim.model.tokenizer import ByteTokenizer
 from sim.model.zoo import DEFAULT_MODEL
 from sim.workload.specs import RequestSpec
@@ -132,17 +133,19 @@ class LLM:
         """Generate replies to one conversation (a list of `{"role", "content"}` dicts) or to
         several (a list of such lists), with the model's chat template applied (vLLM's `chat`)."""
         tokenizer = self.get_tokenizer()
-        if not hasattr(tokenizer, "apply_chat_template"):
+        if not isinstance(tokenizer, GGUFTokenizer):  # the one tokenizer with a chat template
             raise ConfigError(
                 f"model {self.engine_args.model!r} has no chat template (its tokenizer is "
                 f"{type(tokenizer).__name__}); use a model with one, e.g. "
                 "HuggingFaceTB/SmolLM2-135M-Instruct, or generate() with a plain prompt")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        one = bool(messages) and isinstance(messages[0], dict)  # one conversation, not a list
+        conversations = cast(Sequence[Sequence[dict[str, Any]]], [messages] if one else messages)
         prompts: list[PromptType] = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(
                 list(conversation), add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template)
+            assert isinstance(text, str)  # tokenize=False: the prompt text
             prompts.append({"prompt": text,
                             "prompt_token_ids": tokenizer.encode(text, add_bos=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -30,6 +30,7 @@ from sim.core.model_config import ModelConfig
 from sim.core.protocols import KVStore
 from sim.model import layers as L
 from sim.model.checkpoint import CheckpointReader
+from sim.model.paged_store import PagedKVStore
 from sim.model.weights import (
     DictSource,
     LayerWeights,
@@ -219,9 +220,8 @@ class NumpyModel:
         max_len = max(sizes)
         pad = self._scratch((2, len(chunks), max_len, c.n_kv_head, c.d_head))
         k_pad, v_pad = pad[0], pad[1]  # [n_seq, max_len, n_kv, d_head] x2
-        gather = getattr(kv, "gather_padded", None)
-        if gather is not None:  # a paged store fills the padded batch with one gather
-            gather([chunk.seq_id for chunk in chunks], layer, firsts, sizes, pad)
+        if isinstance(kv, PagedKVStore):  # a paged store fills the padded batch in one gather
+            kv.gather_padded([chunk.seq_id for chunk in chunks], layer, firsts, sizes, pad)
         else:
             for s, chunk in enumerate(chunks):
                 k_seq, v_seq = kv.read(chunk.seq_id, layer, lengths[s])  # [len, n_kv, d] x2

@@ -36,8 +36,6 @@ LLM inference); Agrawal et al. 2024 (Vidur, operator-level simulation of LLM ser
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from sim.core.dtypes import canonical_dtype, dtype_bytes
@@ -81,9 +79,9 @@ _PART_ORDER = ("qkv_proj", "attn_prefill", "attn_decode", "o_proj", "mlp", "moe"
                "rope", "elementwise", "quant", "lm_head", "sampling")
 
 
-def efficiency(hardware: Any, key: str) -> float:
+def efficiency(hardware: HardwareProfile, key: str) -> float:
     """`hardware.efficiency[key]`, falling back to `DEFAULT_EFFICIENCY` for keys it lacks."""
-    table = getattr(hardware, "efficiency", None) or {}
+    table = hardware.efficiency
     value = table.get(key, table.get(_FALLBACK.get(key, key)))
     return float(DEFAULT_EFFICIENCY[key] if value is None else value)
 
@@ -333,7 +331,7 @@ class CostModel:
         cap = self.kv_context_cap_tokens
         kv = self.kv_cache_dtype + ("" if cap is None else f", context <= {cap} tokens")
         return (f"timing: {m.name} {self.dtype}{quant} (kv {kv}) on "
-                f"{getattr(self.hardware, 'display_name', self.hardware)} "
+                f"{self.hardware.display_name} "
                 f"x{self.tensor_parallel_size}")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -49,6 +49,7 @@ def _times_from_gaps(gaps_s: np.ndarray, start: int, last_s: float) -> np.ndarra
     return np.cumsum(np.concatenate(([last_s], gaps_s)))[1:]  # [num]
 
 
+@runtime_checkable
 class ArrivalProcess(Protocol):
     """Anything that gives ascending arrival times in seconds."""
 
@@ -192,6 +193,7 @@ def arrivals_from_rate(rate: float, burstiness: float = 1.0) -> ArrivalProcess:
     return GammaArrivals(float(rate), cv=1.0 / math.sqrt(burstiness))
 
 
+@runtime_checkable
 class LengthDistribution(Protocol):
     """Token counts >= 1; `start` is the index of the first sample within the whole stream."""
 

@@ -116,7 +116,7 @@ def _as_length(value: LengthDistribution | int, what: str) -> LengthDistribution
         raise InfersimError(f"{what} must be a length distribution or an integer, got {value!r}")
     if isinstance(value, int | np.integer):
         return FixedLength(int(value))
-    if not hasattr(value, "sample"):
+    if not isinstance(value, LengthDistribution):
         raise InfersimError(
             f"{what} must be a length distribution (FixedLength, UniformLength, "
             f"LognormalLength, TraceLengths) or an integer, got {value!r}"
@@ -129,7 +129,7 @@ def _as_arrival(value: ArrivalProcess | float) -> ArrivalProcess:
         raise InfersimError(f"arrival must be an arrival process or a rate, got {value!r}")
     if isinstance(value, int | float):
         return arrivals_from_rate(float(value))
-    if not hasattr(value, "chunk_times_s"):
+    if not isinstance(value, ArrivalProcess):
         raise InfersimError(
             f"arrival must be an arrival process (PoissonArrivals, GammaArrivals, "
             f"ConstantArrivals, AllAtOnce, TraceArrivals) or a rate in requests/s, got {value!r}"
