@@ -28,10 +28,11 @@ from typing import Any
 
 from batching.admission import never_runs
 from batching.commit import StopCriteria, commit_step, finish
+from batching.plan import build_plan
 from batching.policy import WaitingQueue
 from sim.core.protocols import KVCacheManager
 from sim.core.request import Request, Status
-from sim.core.step import ScheduledSeq, StepPlan, StepResult, shape_of
+from sim.core.step import ScheduledSeq, StepPlan, StepResult
 
 
 class ContinuousScheduler:
@@ -182,9 +183,8 @@ class ContinuousScheduler:
         self._head_blocked = (bool(self.waiting) and not preempted
                               and all(s.num_new_tokens == 1 for s in seqs))
         if not seqs:
-            return None
-        planned = tuple(seqs)
-        return StepPlan(planned, shape_of(planned))
+            return None  # KV work queued here (preemptions) stays queued for the next plan
+        return build_plan(kv, seqs)
 
     def _num_spec(self, req: Request, n: int, budget: int) -> int:
         """Draft tokens to verify after `req`'s decode token this step (0 without speculation,

@@ -25,6 +25,7 @@ from collections import deque
 
 from batching.admission import never_runs
 from batching.commit import StopCriteria, commit_step, finish
+from batching.plan import build_plan
 from sim.core.errors import ConfigError
 from sim.core.protocols import KVCacheManager
 from sim.core.request import Request, Status
@@ -118,7 +119,7 @@ class StaticScheduler:
         new = max(s.num_new_tokens for s in seqs)
         context = max(s.start for s in seqs)
         shape = StepShape(num_new_tokens=(new,) * num_slots, num_context_tokens=(context,) * num_slots)
-        return StepPlan(tuple(seqs), shape)
+        return build_plan(self.kv, seqs, shape)
 
     def update(self, plan: StepPlan, result: StepResult, now_s: float) -> list[Request]:
         commit_step(plan, result, now_s, self.kv.retains_kv, self.stop)

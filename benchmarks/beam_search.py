@@ -66,15 +66,17 @@ class SharingProbe(Engine):
 
     def _scheduler(self, kv: Any) -> Any:
         self._probe_scheduler: Any = super()._scheduler(kv)
+        self._probe_kv: Any = kv
         self.block_samples: list[tuple[int, int]] = []  # (distinct, logical) per step
         return self._probe_scheduler
 
-    def _swap_s(self, kv: Any, stats: Any) -> float:  # once per step, after its allocation
+    def _swap_s(self, plan: Any, stats: Any) -> float:  # once per step, after its allocation
+        kv = self._probe_kv
         if hasattr(kv, "block_table"):
             logical = sum(len(kv.block_table(r.request_id))
                           for r in self._probe_scheduler.running)
             self.block_samples.append((kv.pool.num_used_blocks(), logical))
-        return super()._swap_s(kv, stats)
+        return super()._swap_s(plan, stats)
 
 
 def params(kind: str, width: int, max_tokens: int) -> SamplingParams:

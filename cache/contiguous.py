@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from sim.core.errors import ConfigError
 from sim.core.request import Request
+from sim.core.step import NO_KV_WORK, ScheduledSeq, StepKV
 from sim.core.usage import KVMemoryUsage
 
 
@@ -111,6 +112,11 @@ class ContiguousKVCache:
 
     def num_reserved_tokens(self) -> int:
         return self._num_reserved
+
+    def take_step_kv(self, seqs: tuple[ScheduledSeq, ...]
+                     ) -> tuple[tuple[ScheduledSeq, ...], StepKV]:
+        """No blocks: nothing to copy or price, and the store addresses KV by request id."""
+        return seqs, NO_KV_WORK
 
     def usage(self) -> KVMemoryUsage:
         used = self.num_used_tokens()

@@ -12,6 +12,7 @@ caching; Karpathy's picoGPT.
 from __future__ import annotations
 
 from sim.core.request import Request
+from sim.core.step import NO_KV_WORK, ScheduledSeq, StepKV
 from sim.core.usage import KVMemoryUsage
 
 
@@ -47,3 +48,8 @@ class NoKVCache:
 
     def num_reserved_tokens(self) -> int:
         return 0
+
+    def take_step_kv(self, seqs: tuple[ScheduledSeq, ...]
+                     ) -> tuple[tuple[ScheduledSeq, ...], StepKV]:
+        """No KV is kept between steps: nothing to copy or price, no view to give."""
+        return seqs, NO_KV_WORK

@@ -18,9 +18,11 @@ back on resumption, each move priced over the profile's host link by the engine.
 swap space left, a swap falls back to recompute. Under KV eviction a swap first releases the
 blocks no later query reads, then moves only the kept ones: released entries stay -1 in the
 table that comes back (sliding window, StreamingLLM), H2O's compacted slots come back in order.
-The block copies the contents side must do are queued in order (`take_block_ops`):
+The block copies the contents side must do are queued in order as `sim.core.step.BlockOp`s:
 ("out", gpu_block, host_block), ("in", host_block, gpu_block), and ("copy", src_block,
-dst_block) for copy-on-write after `fork`.
+dst_block) for copy-on-write after `fork`. The scheduler takes them, with their counts for the
+pricer and each scheduled sequence's block table, into the step's plan (`take_step_kv`), so
+the executor never reads this manager.
 
 References: Kwon et al., SOSP'23 (PagedAttention, sections 4.2-4.5: block tables, sharing,
 swapping and recomputation); vLLM `vllm/v1/core/kv_cache_manager.py` (prefix caching, hit only
@@ -29,6 +31,7 @@ up to `num_tokens - 1`) and vLLM v0 `block_manager` (swap space in GiB).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +42,7 @@ from cache.prefix_index import PrefixIndex
 from cache.swap_space import SwapSpace
 from sim.core.errors import InfersimError
 from sim.core.request import Request
+from sim.core.step import NO_KV_WORK, BlockOp, ScheduledSeq, SeqKV, StepKV
 from sim.core.usage import KVMemoryUsage
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -73,10 +77,11 @@ class PagedKVCache:
         self._num_tokens: dict[str, int] = {}
         self._sum_tokens = 0
         self.prefix = PrefixIndex(self.pool)  # block hashes (prefix caching)
-        self._ops: list[tuple[str, int, int]] = []
-        #: queue block copies for a contents store (False in timing-only runs: none reads them)
+        self._ops: list[BlockOp] = []  # block copies since the last take_step_kv(), in order
+        #: queue block copies and give block tables for a contents store (False in timing-only
+        #: runs: none reads them, and the counts are kept either way)
         self.record_block_ops = True
-        self._pending_copies = 0  # copy-on-write block copies since the last take_copied_blocks()
+        self._pending_copies = 0  # copy-on-write block copies since the last take_step_kv()
         self._forked = False  # a fork may share a partly filled block
         # no fork, prefix caching or eviction: an allocation within the held blocks only moves
         # the token count (the common decode step's fast path)
@@ -136,7 +141,7 @@ class PagedKVCache:
             for i in cow:
                 (fresh,) = pool.take_new(1)
                 if self.record_block_ops:
-                    self._ops.append(("copy", table[i], fresh))
+                    self._ops.append(BlockOp("copy", table[i], fresh))
                 self._pending_copies += 1
                 pool.release([table[i]])
                 table[i] = fresh
@@ -171,7 +176,7 @@ class PagedKVCache:
                  if self.preemption_mode == "swap" and table is not None else None)
         if moves is not None:  # each live entry to a host block; -1 (released) stays -1
             if self.record_block_ops:
-                self._ops.extend(("out", g, h) for g, h in moves)
+                self._ops.extend(BlockOp("out", g, h) for g, h in moves)
             evicted_upto = self._evicted_upto.get(rid)
             self._drop_blocks(rid)
             if evicted_upto is not None:
@@ -269,19 +274,24 @@ class PagedKVCache:
         -1 for a block released by KV eviction."""
         return self._tables.get(request_id, [])
 
-    def take_block_ops(self) -> list[tuple[str, int, int]]:
-        """Block copies queued since the last call, in the order they must be applied."""
-        ops, self._ops = self._ops, []
-        return ops
-
-    def take_swapped_blocks(self) -> tuple[int, int]:
-        """(blocks swapped out, blocks swapped in) since the last call (for pricing)."""
-        return self.swap.take_moved()
-
-    def take_copied_blocks(self) -> int:
-        """Copy-on-write block copies since the last call (for pricing)."""
-        copies, self._pending_copies = self._pending_copies, 0
-        return copies
+    def take_step_kv(self, seqs: tuple[ScheduledSeq, ...]
+                     ) -> tuple[tuple[ScheduledSeq, ...], StepKV]:
+        """The plan's KV side (`KVCacheManager.take_step_kv`): with a contents store, each
+        sequence's block table and filled slots (its `start`, H2O's compacted kept set) and the
+        block copies queued since the last call, in order; always the blocks swapped out / in
+        and copied since then (for pricing). Timing-only runs build no tables."""
+        num_out, num_in = self.swap.take_moved()
+        num_copied, self._pending_copies = self._pending_copies, 0
+        ops: tuple[BlockOp, ...] = ()
+        if self.record_block_ops:
+            ops, self._ops = tuple(self._ops), []
+            ev, tables = self.eviction, self._tables
+            seqs = tuple(dataclasses.replace(s, kv=SeqKV(
+                tuple(tables[s.request.request_id]),
+                s.start if ev is None else ev.num_slots(s.start))) for s in seqs)
+        if not (ops or num_out or num_in or num_copied):
+            return seqs, NO_KV_WORK
+        return seqs, StepKV(ops, num_out, num_in, num_copied)
 
     @property
     def hit_rate(self) -> float:
@@ -362,7 +372,7 @@ class PagedKVCache:
         table.extend(fresh)
         moves = self.swap.swap_in(rid, table)
         if self.record_block_ops:
-            self._ops.extend(("in", h, g) for h, g in moves)
+            self._ops.extend(BlockOp("in", h, g) for h, g in moves)
         self._tables[rid] = table
         self.prefix.admitted(request, 0, count=False)
         self._sum_tokens += self._kept(num_tokens) - self._kept(self._num_tokens.get(rid, 0))

@@ -4,7 +4,8 @@
 out gives each of its live block-table entries a host block (lowest free id first) and records
 the moves; swapping it in returns them, in table order, onto fresh GPU blocks. An entry that
 KV eviction already released (-1) moves nothing and stays -1. The engine prices the moves over
-the profile's host link (`take_moved`).
+the profile's host link: `take_moved` gives the counts to the manager, which hands them
+to the step plan (`PagedKVCache.take_step_kv`).
 
 References: Kwon et al., SOSP'23 (PagedAttention) section 4.5 (swapping to CPU memory);
 vLLM v0 `swap_space` (GiB of CPU memory per GPU).

@@ -78,15 +78,9 @@ class RankedKVStore:
 class ShardedExecutor(NumpyExecutor):
     """`NumpyExecutor` over a `ShardedModel`, each GPU with its own KV store."""
 
-    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
-                 kv: Any = None) -> None:
+    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int) -> None:
         if not isinstance(model, ShardedModel):
             raise ConfigError("ShardedExecutor needs a ShardedModel")
-        if getattr(kv, "enable_prefix_caching", False):
-            raise ConfigError("prefix caching with a sharded functional model is not supported "
-                              "(cached KV contents live per GPU); use mode='timing', or "
-                              "tensor_parallel_size = pipeline_parallel_size = 1")
         super().__init__(model, retains_kv, max_model_len)
         # per-GPU contiguous contents; the KV manager (any kind) still decides admission
         self.store = RankedKVStore(model, model.dtype)  # type: ignore[assignment]
-        self.kv = None

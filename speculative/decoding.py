@@ -137,6 +137,7 @@ class Speculation:
                functional_model: Any) -> Any:
         """Plug into one run: the scheduler asks this for k; returns the executor to use
         (in place of `plain_executor`)."""
+        from cache.paged import PagedKVCache
         from speculative.executor import (
             IidAcceptance,
             SpeculativeExecutor,
@@ -151,7 +152,8 @@ class Speculation:
         cfg = self.config
         executor: Any
         if self.functional:
-            executor = SpeculativeExecutor(functional_model, kv.retains_kv, max_model_len, kv,
+            executor = SpeculativeExecutor(functional_model, kv.retains_kv, max_model_len,
+                                           kv.block_size if isinstance(kv, PagedKVCache) else None,
                                            self.proposer)
         elif cfg.acceptance_rate is not None:
             executor = SpeculativeTimingExecutor(IidAcceptance(cfg.acceptance_rate, self.seed))

@@ -23,13 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from sim.core.errors import InfersimError
-from sim.core.protocols import KVCacheManager
 from sim.core.request import Request
 from sim.core.step import StepPlan, StepResult
 from sim.executor.functional import NumpyExecutor
 from sim.model.kv_store import ContiguousKVStore
 from sim.model.numpy_model import NumpyModel, SeqChunk
-from sim.model.paged_store import PagedKVStore
 from sim.model.sampling import sample_token, sampling_probs, token_logprobs
 from speculative.acceptance import AcceptanceReplay
 from speculative.tree import tree_chunk_layout, tree_verify_greedy, tree_verify_sampled
@@ -41,8 +39,8 @@ class SpeculativeExecutor(NumpyExecutor):
     """`NumpyExecutor` plus draft proposal and verification (see module doc)."""
 
     def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
-                 kv: KVCacheManager | None, proposer: Any) -> None:
-        super().__init__(model, retains_kv, max_model_len, kv)
+                 block_size: int | None, proposer: Any) -> None:
+        super().__init__(model, retains_kv, max_model_len, block_size)
         self.proposer = proposer
         self.on_release: Any = None  # told when a request ends
 
@@ -54,12 +52,10 @@ class SpeculativeExecutor(NumpyExecutor):
             [plan.seqs[i].request for i in spec], [plan.seqs[i].num_spec_tokens for i in spec]),
             strict=True))
         store = self.store
-        if self.kv is not None and isinstance(store, PagedKVStore):
-            store.apply_ops(self.kv.take_block_ops())
+        self._load_kv(plan)
         chunks = []
         for i, s in enumerate(plan.seqs):
             req = s.request
-            self._prepare(req, s.start)
             k = s.num_spec_tokens
             committed = req.token_ids_slice(s.start, s.end - k)
             if k and isinstance(drafts[i], TreeDraft):  # a token tree: its own positions, mask
@@ -130,15 +126,6 @@ class SpeculativeExecutor(NumpyExecutor):
         if isinstance(self.store, ContiguousKVStore):  # keep committed + accepted path
             self.store.truncate(req.request_id, base + len(res.path))
         return res.token_ids, [0] + [p + 1 for p in res.path]
-
-    def _prepare(self, req: Request, start: int) -> None:
-        """The step's KV view of `req` (as `NumpyExecutor` does)."""
-        store = self.store
-        if isinstance(store, PagedKVStore):
-            if self.kv is not None:
-                store.prepare(req.request_id, self.kv.block_table(req.request_id), start)
-        elif not store.has(req.request_id):
-            store.allocate(req.request_id, req.max_len(self.max_model_len))
 
     def release(self, request: Request) -> None:
         super().release(request)

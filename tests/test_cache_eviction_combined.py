@@ -152,10 +152,11 @@ def test_swap_moves_only_kept_blocks_and_comes_back_within_the_budget(policy):
         req.num_computed = n - 1
         assert kv.allocate(req, n)
     req.num_computed = 300
-    kv.take_block_ops()
+    kv.take_step_kv(())
     before = list(kv.block_table("a"))
     assert kv.preempt(req)
-    out = kv.take_block_ops()
+    _, work = kv.take_step_kv(())
+    out = [(op.kind, op.src, op.dst) for op in work.ops]
     live = -(-ev.num_slots(300) // 16) if ev.compacts else None
     if ev.compacts:  # the kept slots' blocks: the step's tail block was released first
         assert [g for _, g, _ in out] == before[:live] and len(before) > live
@@ -163,10 +164,10 @@ def test_swap_moves_only_kept_blocks_and_comes_back_within_the_budget(policy):
         assert [g for _, g, _ in out] == [b for b in before if b >= 0]
         assert before.count(-1) > 8  # more released entries than the pool has blocks
     assert {kind for kind, _, _ in out} == {"out"} and kv.pool.num_free_blocks() == 8
-    assert kv.take_swapped_blocks() == (len(out), 0)
+    assert (work.num_swapped_out_blocks, work.num_swapped_in_blocks) == (len(out), 0)
     kv.check()
     assert kv.allocate(req, 301)  # 301 tokens: 19 blocks without eviction, > the pool
-    back = kv.take_block_ops()
+    back = [(op.kind, op.src, op.dst) for op in kv.take_step_kv(())[1].ops]
     assert [h for _, h, _ in back] == [h for _, _, h in out]
     table = kv.block_table("a")
     assert [g for _, _, g in back] == [b for b in table if b >= 0][:len(out)]

@@ -11,6 +11,7 @@ from cache.contiguous import ContiguousKVCache
 from cache.paged import PagedKVCache
 from sim.core.errors import InfersimError
 from sim.core.request import Request, SamplingParams
+from sim.core.step import BlockOp
 from sim.model.kv_store import ContiguousKVStore
 from sim.model.paged_store import PagedKVStore
 
@@ -109,10 +110,13 @@ def test_swap_preemption_queues_block_copies_and_restores():
     table = list(kv.block_table("a"))
     assert kv.preempt(r) is True
     assert kv.num_free_tokens() == 16
-    assert kv.take_block_ops() == [("out", table[0], 0), ("out", table[1], 1)]
+    _, out = kv.take_step_kv(())
+    assert out.ops == (BlockOp("out", table[0], 0), BlockOp("out", table[1], 1))
+    assert (out.num_swapped_out_blocks, out.num_swapped_in_blocks) == (2, 0)
     assert kv.allocate(r, 7)
-    ops = kv.take_block_ops()
-    assert [op[0] for op in ops] == ["in", "in"] and kv.take_swapped_blocks() == (2, 2)
+    _, back = kv.take_step_kv(())
+    assert [op.kind for op in back.ops] == ["in", "in"]
+    assert (back.num_swapped_out_blocks, back.num_swapped_in_blocks) == (0, 2)
     kv.check()
     big = req("b", n=12)
     kv.free(r)

@@ -17,6 +17,7 @@ from cache.parallel_sampling import sample_params
 from sim import LLM, SamplingParams
 from sim.core.errors import ConfigError, InfersimError
 from sim.core.request import Request
+from sim.core.step import BlockOp
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 
@@ -124,8 +125,9 @@ def test_fork_of_a_partial_block_copies_it_on_write():
     assert kv.block_table("c") == kv.block_table("p")
     assert kv.num_used_tokens() == 10
     assert kv.allocate(child, 10)  # writes position 9 into the shared block 2: copied
-    ops = kv.take_block_ops()
-    assert ops == [("copy", kv.block_table("p")[2], kv.block_table("c")[2])]
+    _, work = kv.take_step_kv(())
+    assert work.ops == (BlockOp("copy", kv.block_table("p")[2], kv.block_table("c")[2]),)
+    assert work.num_copied_blocks == 1
     assert kv.block_table("c")[:2] == kv.block_table("p")[:2]
     kv.check()
     with pytest.raises(InfersimError):

@@ -61,9 +61,9 @@ class PagedMachine(RuleBasedStateMachine):
 
     def _write(self, req: Request, start: int, end: int) -> None:
         """What the store would do: apply queued copies, then write positions start..end-1."""
-        for kind, src, dst in self.kv.take_block_ops():
-            assert kind == "copy"
-            self.content[dst] = self.content[src]
+        for op in self.kv.take_step_kv(())[1].ops:
+            assert op.kind == "copy"
+            self.content[op.dst] = self.content[op.src]
         table = self.kv.block_table(req.request_id)
         ids = req.token_ids_slice(0, end)
         for pos in range(start, end):

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from sim.core.request import Request
-from sim.core.step import StepPlan, StepResult
+from sim.core.step import ScheduledSeq, StepKV, StepPlan, StepResult
 from sim.core.step_shape import StepCost, StepShape
 from sim.core.usage import KVMemoryUsage
 
@@ -69,6 +69,16 @@ class KVCacheManager(Protocol):
 
     def num_reserved_tokens(self) -> int:
         """Tokens of capacity held by requests (used + reserved-but-unused)."""
+        ...
+
+    def take_step_kv(self, seqs: tuple[ScheduledSeq, ...]
+                     ) -> tuple[tuple[ScheduledSeq, ...], StepKV]:
+        """The KV side of the plan being built for `seqs` (already allocated): the sequences
+        with their KV views (`ScheduledSeq.kv`, set by a paged manager whose contents are kept,
+        i.e. in functional mode; `seqs` unchanged otherwise) and the KV block work queued since
+        the last call, in order (`StepKV`; `NO_KV_WORK` when there is none). Taking drains the
+        queue, so work queued while no plan was built rides in the next one; the scheduler
+        calls this exactly once per plan (`batching.plan.build_plan`)."""
         ...
 
 

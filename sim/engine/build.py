@@ -149,6 +149,8 @@ def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
 
 
 def make_executor(engine: Engine, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
+    """The run's executor; it reads only the step plans (a paged manager's blocks size its
+    store)."""
     args = engine.args
     if args.mode == "timing":
         return TimingExecutor()
@@ -160,8 +162,13 @@ def make_executor(engine: Engine, retains_kv: bool, kv: KVCacheManager | None = 
                 f"kv_cache_dtype={args.kv_cache_dtype!r} with a sharded functional model is not "
                 "supported (per-GPU stores are unquantized); use mode='timing' or "
                 "tensor_parallel_size = pipeline_parallel_size = 1")
-        return ShardedExecutor(engine.functional_model, retains_kv, engine.max_model_len, kv)
+        if args.enable_prefix_caching:
+            raise ConfigError("prefix caching with a sharded functional model is not supported "
+                              "(cached KV contents live per GPU); use mode='timing', or "
+                              "tensor_parallel_size = pipeline_parallel_size = 1")
+        return ShardedExecutor(engine.functional_model, retains_kv, engine.max_model_len)
     from sim.executor.functional import NumpyExecutor
 
-    return NumpyExecutor(engine.functional_model, retains_kv, engine.max_model_len, kv,
+    block_size = kv.block_size if isinstance(kv, PagedKVCache) else None
+    return NumpyExecutor(engine.functional_model, retains_kv, engine.max_model_len, block_size,
                          kv_cache_dtype=args.kv_cache_dtype, kv_eviction=args.eviction())

@@ -129,21 +129,21 @@ class Engine:
         """Bytes of one KV block of the target model on one GPU (what a swap moves)."""
         return self.memory.kv_bytes_per_token * self.args.block_size
 
-    def _swap_s(self, kv: KVCacheManager, stats: StepStats) -> float:
-        """Time of the KV block moves the step just planned needs: blocks swapped out and in
-        over the host link, and copy-on-write copies in device memory (read + write)."""
-        take = getattr(kv, "take_swapped_blocks", None)
-        if take is None:
+    def _swap_s(self, plan: StepPlan, stats: StepStats) -> float:
+        """Time of the KV block moves `plan` needs (`StepPlan.kv`, what its scheduler's manager
+        queued): blocks swapped out and in over the host link, and copy-on-write copies in
+        device memory (read + write)."""
+        work = plan.kv
+        num_copied = work.num_copied_blocks
+        if not (work.num_swapped_out_blocks or work.num_swapped_in_blocks or num_copied):
             return 0.0
-        num_out, num_in = take()
         hw = self.hardware
         link, eff = hw.host_link, hw.efficiency["host_link_bandwidth"]
-        swap_s = (link.transfer_s(num_out * self.kv_block_bytes, eff)
-                  + link.transfer_s(num_in * self.kv_block_bytes, eff))
+        swap_s = (link.transfer_s(work.num_swapped_out_blocks * self.kv_block_bytes, eff)
+                  + link.transfer_s(work.num_swapped_in_blocks * self.kv_block_bytes, eff))
         stats.swap_s += swap_s
-        copies = getattr(kv, "take_copied_blocks", lambda: 0)()
-        stats.num_copied_blocks += copies
-        copy_s = (2 * copies * self.kv_block_bytes
+        stats.num_copied_blocks += num_copied
+        copy_s = (2 * num_copied * self.kv_block_bytes
                   / (hw.hbm_bytes_per_s * hw.efficiency["memory_bandwidth"]))
         stats.busy_s += swap_s + copy_s
         return swap_s + copy_s

@@ -142,14 +142,14 @@ def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],
         if stages is None:
             step_s = engine._price(plan, stats)
             info.stage_busy_s[lane.replica][0] += step_s
-            return now_s + (step_s + engine._swap_s(lane.kv, stats))
+            return now_s + (step_s + engine._swap_s(plan, stats))
         shape = plan.shape
         stats.num_steps += 1
         stats.num_tokens_computed += plan.num_new_tokens
         stats.num_tokens_priced += shape.total_new_tokens
         end_s = stages.run(lane.replica, plan, now_s)
         stats.busy_s += end_s - now_s
-        return end_s + engine._swap_s(lane.kv, stats)
+        return end_s + engine._swap_s(plan, stats)
 
     def step_done(lane: Lane, plan: StepPlan, result: Any, now_s: float) -> None:
         if speculation is not None:
