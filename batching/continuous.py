@@ -24,7 +24,7 @@ Tradeoff in LLM Inference with Sarathi-Serve" (OSDI'24), chunked prefill; vLLM
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 from batching.admission import never_runs
 from batching.commit import StopCriteria, commit_step, finish
@@ -33,6 +33,13 @@ from batching.policy import WaitingQueue
 from sim.core.protocols import KVCacheManager
 from sim.core.request import Request, Status
 from sim.core.step import ScheduledSeq, StepPlan, StepResult
+
+
+class DraftBudget(Protocol):
+    """Speculative decoding's control (`speculative.decoding.Speculation`): draft tokens to
+    verify after a decoding request's token this step, within `budget` tokens."""
+
+    def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int: ...
 
 
 class ContinuousScheduler:
@@ -47,6 +54,7 @@ class ContinuousScheduler:
         max_num_partial_prefills: int = 1,
         scheduling_policy: str = "fcfs",
         kv_watermark: float = 0.01,
+        speculation: DraftBudget | None = None,
     ) -> None:
         self.kv = kv
         self.stop = stop
@@ -67,8 +75,8 @@ class ContinuousScheduler:
         self.num_preemptions = 0
         #: KV tokens reserved after each step `coast_horizon` certified (per-step series)
         self.coast_reserved_tokens: list[int] = []
-        #: speculative decoding (set by the engine): `num_spec_tokens(req, budget, max_len)`
-        self.speculation: Any = None
+        #: speculative decoding (the engine's, `sim.engine.build.build_scheduler`): draft tokens
+        self.speculation = speculation
         self._beams = False  # a beam-search request was added (its leader reserves seats)
 
     def add(self, request: Request) -> str | None:
@@ -191,7 +199,7 @@ class ContinuousScheduler:
         and for prefills); they count against the token budget and need KV slots."""
         if self.speculation is None or n != 1 or req.num_computed != req.num_tokens - 1:
             return 0
-        return int(self.speculation.num_spec_tokens(req, budget, self.stop.max_model_len))
+        return self.speculation.num_spec_tokens(req, budget, self.stop.max_model_len)
 
     def _admit(self, req: Request, hit: int, now_s: float, seqs: list[ScheduledSeq],
                n: int) -> None:

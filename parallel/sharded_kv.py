@@ -1,9 +1,13 @@
-"""Per-GPU KV stores and the functional executor of a sharded model.
+"""Per-GPU KV stores of a sharded model.
 
 Each simulated GPU (pipeline stage s, tensor rank r) keeps its own `ContiguousKVStore` holding only
 stage s's layers and rank r's KV heads (replicated when tp > n_kv_head, as in vLLM); the sharded
-model `select`s the GPU before each attention call. The KV manager of the engine (any kind) still
-decides admission and memory; the contents are per GPU.
+model `select`s the GPU before each attention call. The functional executor
+(`sim.executor.functional.NumpyExecutor`, built by `sim.engine.build.build_executor`) runs the
+sharded model over a `RankedKVStore` as over any store addressed by sequence id. The KV manager
+of the engine (any kind) still decides admission and memory; the contents are per GPU, so the
+paged manager's block tables and block copies are not used for them (a swapped-out request's
+contents simply stay in the per-GPU stores).
 
 References: vLLM `vllm/worker/cache_engine.py` (one KV cache per worker).
 """
@@ -16,10 +20,7 @@ from typing import Any
 import numpy as np
 
 from parallel.tensor import ShardedModel
-from sim.core.errors import ConfigError
-from sim.executor.functional import NumpyExecutor
 from sim.model.kv_store import ContiguousKVStore
-from sim.model.numpy_model import NumpyModel
 
 
 class RankedKVStore:
@@ -63,24 +64,7 @@ class RankedKVStore:
         for store in self.stores.values():
             store.free(seq_id)
 
-    def __getattr__(self, name: str) -> Any:
-        """Other per-sequence operations (grow, truncate, ...) apply to every GPU's store."""
-        stores = self.__dict__.get("stores")
-        if not stores or not hasattr(ContiguousKVStore, name):
-            raise AttributeError(name)
-
-        def each(*args: Any, **kwargs: Any) -> Any:
-            results = [getattr(store, name)(*args, **kwargs) for store in stores.values()]
-            return results[0]
-        return each
-
-
-class ShardedExecutor(NumpyExecutor):
-    """`NumpyExecutor` over a `ShardedModel`, each GPU with its own KV store."""
-
-    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int) -> None:
-        if not isinstance(model, ShardedModel):
-            raise ConfigError("ShardedExecutor needs a ShardedModel")
-        super().__init__(model, retains_kv, max_model_len)
-        # per-GPU contiguous contents; the KV manager (any kind) still decides admission
-        self.store = RankedKVStore(model, model.dtype)  # type: ignore[assignment]
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the first `num_tokens` positions on every GPU."""
+        for store in self.stores.values():
+            store.truncate(seq_id, num_tokens)

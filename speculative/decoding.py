@@ -7,13 +7,14 @@
   token budget (draft tokens count against `max_num_batched_tokens`), by `max_tokens` and by
   `max_model_len`; for n-gram lookup in functional mode, by the drafts actually found in the
   request's committed tokens (as vLLM's CPU-side proposer, so a miss costs nothing);
-- **functional**: `SpeculativeExecutor` with the n-gram or draft-model proposer (a controlled
-  proxy of the target, or `model`'s own functional weights);
+- **functional**: the functional executor with this run's `DraftVerifier` (`verifier`): the
+  n-gram or draft-model proposer (a controlled proxy of the target, or `model`'s own
+  functional weights), over the same store and KV codec as a run without speculation;
 - **timing**: the target verifies k + 1 tokens per speculating sequence in one pass (the step
   shape carries them, with `num_logits`); a draft model is priced as its own model shape on the
   same GPU, k autoregressive draft steps per engine step (the first one catching up on the
   tokens the draft has not seen); n-gram lookup is free. Timing-only runs take acceptance from
-  `acceptance_rate` (i.i.d.) or `acceptance_trace` (replayed);
+  `acceptance_rate` (i.i.d.) or `acceptance_trace` (replayed) (`acceptance`);
 - **observation**: accepted / proposed counts per step, per draft position and per request.
 
 Left out (said in the README): the draft model's weights and KV do not shrink the target's KV
@@ -25,7 +26,7 @@ token budget, `num_computed_tokens` moved back by the rejected count); Leviathan
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +37,10 @@ from sim.model.zoo import resolve_model
 from sim.timing.cost_model import CostModel
 from speculative.analysis import AdaptiveK, cost_ratio
 from speculative.config import SpeculativeConfig
+
+if TYPE_CHECKING:  # the executors import the functional model: only functional runs need it
+    from sim.executor.functional import Speculator
+    from speculative.executor import AcceptanceModel, BatchProposer
 
 
 class Speculation:
@@ -90,14 +95,14 @@ class Speculation:
             self.draft_cost = CostModel(self.draft_shape, engine.hardware,
                                         dtype=engine.timing_dtype)
             self.c = cost_ratio(self.draft_cost, engine.cost_model)
-        self.proposer: Any = None
+        self.proposer: BatchProposer | None = None  # functional mode's
         self.draft_description = "" if self.draft_shape is None else self.draft_shape.name
         if self.functional:
             self.proposer = self._proposer(engine)
         self.reset()
 
     # ------------------------------------------------------------------ building
-    def _proposer(self, engine: Any) -> Any:
+    def _proposer(self, engine: Any) -> BatchProposer:
         from speculative.proposers import DraftModelProposer, NgramProposer, noisy_model
 
         cfg = self.config
@@ -133,38 +138,30 @@ class Speculation:
             text += f"; draft priced as {self.draft_shape.name} (c={self.c:.3f})"
         return text
 
-    def attach(self, scheduler: Any, plain_executor: Any, kv: Any, max_model_len: int,
-               functional_model: Any) -> Any:
-        """Plug into one run: the scheduler asks this for k; returns the executor to use
-        (in place of `plain_executor`)."""
-        from cache.paged import PagedKVCache
-        from speculative.executor import (
-            IidAcceptance,
-            SpeculativeExecutor,
-            SpeculativeTimingExecutor,
-            TraceAcceptance,
-        )
+    def verifier(self, num_layers: int) -> Speculator:
+        """The functional executor's speculation hook: this run's proposer and the verification
+        against a target of `num_layers` layers (`sim.engine.build.build_executor` passes it to
+        the one functional executor, with the plain run's store and options)."""
+        from speculative.executor import DraftVerifier
 
-        if not hasattr(scheduler, "speculation"):
-            raise ConfigError("this scheduler cannot speculate; use scheduler='continuous'")
-        self.reset()
-        scheduler.speculation = self
+        if self.proposer is None:
+            raise ConfigError("speculative verification of real drafts needs mode='functional'")
+        return DraftVerifier(self.proposer, num_layers, on_release=self.release)
+
+    def acceptance(self) -> AcceptanceModel:
+        """Timing-only acceptance: i.i.d. per token at `acceptance_rate`, or the replay of
+        `acceptance_trace`."""
+        from speculative.executor import IidAcceptance, TraceAcceptance
+
         cfg = self.config
-        executor: Any
-        if self.functional:
-            executor = SpeculativeExecutor(functional_model, kv.retains_kv, max_model_len,
-                                           kv.block_size if isinstance(kv, PagedKVCache) else None,
-                                           self.proposer)
-        elif cfg.acceptance_rate is not None:
-            executor = SpeculativeTimingExecutor(IidAcceptance(cfg.acceptance_rate, self.seed))
-        else:
-            from speculative.acceptance import AcceptanceReplay, AcceptanceTrace
+        if cfg.acceptance_rate is not None:
+            return IidAcceptance(cfg.acceptance_rate, self.seed)
+        if cfg.acceptance_trace is None:
+            raise ConfigError("mode='timing' speculation needs speculative_config "
+                              "'acceptance_rate' or 'acceptance_trace'")
+        from speculative.acceptance import AcceptanceReplay, AcceptanceTrace
 
-            assert cfg.acceptance_trace is not None
-            trace = AcceptanceTrace.load(cfg.acceptance_trace)
-            executor = SpeculativeTimingExecutor(TraceAcceptance(AcceptanceReplay(trace)))
-        executor.on_release = self.release
-        return executor
+        return TraceAcceptance(AcceptanceReplay(AcceptanceTrace.load(cfg.acceptance_trace)))
 
     def reset(self) -> None:
         """Fresh counters (one run)."""
@@ -191,7 +188,7 @@ class Speculation:
             slots = req.max_len(max_model_len) - req.num_tokens  # the tree's KV slots fit
             return k if min(left, budget) >= self.tree.depth and min(slots, budget) >= k else 0
         k = max(0, min(k, left, budget))
-        if k and self.functional and self.config.method == "ngram":
+        if k and self.proposer is not None and self.config.method == "ngram":
             k = len(self.proposer.propose(req, k).token_ids)  # a miss proposes nothing
         return k
 

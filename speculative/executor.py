@@ -1,12 +1,13 @@
-"""Executors of speculative steps: real drafts verified by the real target, or counts only.
+"""Speculative decoding in the executors: real drafts verified by the real target, or counts only.
 
-`SpeculativeExecutor` (functional): for every sequence the scheduler gave `k` draft slots, the
-proposer drafts k tokens; one target `forward_step` scores each sequence's committed token plus
-its drafts (`num_logits = k + 1`), and `speculative.verify` keeps 0..k drafts and adds the
-target's own token. Rejected drafts' KV is rolled back (`ContiguousKVStore.truncate`; a paged
-store is re-`prepare`d from the committed counter each step, and the blocks stay with the request
-for the next step's drafts, as in vLLM). Sequences without drafts run exactly as in
-`NumpyExecutor`.
+`DraftVerifier` (functional) is the `sim.executor.functional.Speculator` of the one functional
+executor (`NumpyExecutor(..., speculation=DraftVerifier(...))`), so a speculative run keeps the
+plain run's store, KV codec and options. For every sequence the scheduler gave `k` draft slots,
+the proposer drafts k tokens; the executor's one target `forward_step` scores each sequence's
+committed token plus its drafts (`num_logits = k + 1`), and `speculative.verify` keeps 0..k
+drafts and adds the target's own token. Rejected drafts' KV is rolled back (a contiguous store
+is truncated; a paged store is re-`prepare`d from the plan's filled slots each step, and the
+blocks stay with the request for the next step's drafts, as in vLLM).
 
 `SpeculativeTimingExecutor` (timing-only): no token values; the number of accepted drafts per
 step comes from an `AcceptanceModel`: i.i.d. per token with a given rate (seeded per request, so
@@ -18,92 +19,77 @@ request) and `vllm/v1/sample/rejection_sampler.py`; Leviathan et al. 2023.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from sim.core.errors import InfersimError
 from sim.core.request import Request
-from sim.core.step import StepPlan, StepResult
-from sim.executor.functional import NumpyExecutor
-from sim.model.kv_store import ContiguousKVStore
-from sim.model.numpy_model import NumpyModel, SeqChunk
-from sim.model.sampling import sample_token, sampling_probs, token_logprobs
+from sim.core.step import ScheduledSeq, StepPlan, StepResult
+from sim.executor.functional import Draft, ExecutorStore
+from sim.model.numpy_model import SeqChunk
+from sim.model.paged_store import PagedKVStore
+from sim.model.sampling import sampling_probs
 from speculative.acceptance import AcceptanceReplay
+from speculative.proposers import Draft as LinearDraft
+from speculative.proposers import Proposer
 from speculative.tree import tree_chunk_layout, tree_verify_greedy, tree_verify_sampled
 from speculative.tree_proposer import TreeDraft
 from speculative.verify import verify
 
 
-class SpeculativeExecutor(NumpyExecutor):
-    """`NumpyExecutor` plus draft proposal and verification (see module doc)."""
+class BatchProposer(Proposer, Protocol):
+    """A proposer that drafts for a whole step at once (`speculative.proposers`)."""
 
-    def __init__(self, model: NumpyModel, retains_kv: bool, max_model_len: int,
-                 block_size: int | None, proposer: Any) -> None:
-        super().__init__(model, retains_kv, max_model_len, block_size)
+    def propose_batch(self, requests: Sequence[Request],
+                      ks: Sequence[int]) -> Sequence[LinearDraft | TreeDraft]: ...
+
+
+class DraftVerifier:
+    """Drafts from `proposer` and their verification against the logits of a target of
+    `num_layers` layers (see module doc); `on_release` is told when a request ends (the
+    engine's speculation counters)."""
+
+    def __init__(self, proposer: BatchProposer, num_layers: int,
+                 on_release: Callable[[Request], None] | None = None) -> None:
         self.proposer = proposer
-        self.on_release: Any = None  # told when a request ends
+        self.num_layers = num_layers
+        self.on_release = on_release
 
-    def run(self, plan: StepPlan) -> StepResult:
-        spec = [i for i, s in enumerate(plan.seqs) if s.num_spec_tokens]
-        if not spec:
-            return super().run(plan)
-        drafts = dict(zip(spec, self.proposer.propose_batch(
-            [plan.seqs[i].request for i in spec], [plan.seqs[i].num_spec_tokens for i in spec]),
-            strict=True))
-        store = self.store
-        self._load_kv(plan)
-        chunks = []
-        for i, s in enumerate(plan.seqs):
-            req = s.request
-            k = s.num_spec_tokens
-            committed = req.token_ids_slice(s.start, s.end - k)
-            if k and isinstance(drafts[i], TreeDraft):  # a token tree: its own positions, mask
-                positions, mask = tree_chunk_layout(s.start, len(committed), drafts[i].parents)
-                ids = np.asarray(committed + list(drafts[i].token_ids), dtype=np.int64)  # [n_new]
-                chunks.append(SeqChunk(req.request_id, ids, s.start, k + 1, positions, mask))
-                continue
-            if k:
-                draft = drafts[i].token_ids
-                if len(draft) != k:
-                    raise InfersimError(f"the proposer returned {len(draft)} draft tokens for "
-                                        f"{req.request_id!r}, the scheduler planned {k}")
-                committed = committed + list(draft)
-            ids = np.asarray(committed, dtype=np.int64)  # [n_new]
-            chunks.append(SeqChunk(req.request_id, ids, s.start,
-                                   k + 1 if k else (1 if s.samples else 0)))
-        logits = self.model.forward_step(chunks, store)  # [sum(num_logits), n_vocab]
-        row = 0
-        tokens: list[int] = []
-        emitted: list[tuple[int, ...]] = []
-        entries: list[tuple[Any, ...]] = []
-        for i, s in enumerate(plan.seqs):
-            n_rows = chunks[i].num_logits
-            rows = logits[row: row + n_rows]  # [n_rows, n_vocab]
-            row += n_rows
-            req = s.request
-            params = req.sampling
-            if n_rows == 0:
-                out: tuple[int, ...] = ()
-            elif s.num_spec_tokens and isinstance(drafts[i], TreeDraft):
-                out, logit_rows = self._verify_tree(s, drafts[i], rows)
-                rows = rows[logit_rows]  # [len(out), n_vocab] the rows the tokens came from
-            elif s.num_spec_tokens:
-                draft = drafts[i]
-                out = verify(draft.token_ids, draft.probs, rows, params, req.rng).token_ids
-                if isinstance(store, ContiguousKVStore):  # keep committed + accepted drafts
-                    store.truncate(req.request_id, s.end - s.num_spec_tokens + len(out) - 1)
-            else:
-                out = (sample_token(rows[0], params, req.rng),)
-            want = params.logprobs
-            entries.append(tuple(token_logprobs(rows[j], t, want) if want is not None else None
-                                 for j, t in enumerate(out)))
-            tokens.append(out[-1] if out else -1)
-            emitted.append(out)
-        return StepResult(tuple(tokens), None, tuple(emitted), tuple(entries))
+    def propose(self, seqs: Sequence[ScheduledSeq]) -> list[Draft]:
+        return list(self.proposer.propose_batch([s.request for s in seqs],
+                                                [s.num_spec_tokens for s in seqs]))
 
-    def _verify_tree(self, s: Any, draft: TreeDraft,
-                     rows: np.ndarray) -> tuple[tuple[int, ...], list[int]]:
+    def chunk(self, seq: ScheduledSeq, draft: Draft) -> SeqChunk:
+        req, k = seq.request, seq.num_spec_tokens
+        committed = req.token_ids_slice(seq.start, seq.end - k)
+        if isinstance(draft, TreeDraft):  # a token tree: its own positions and mask
+            positions, mask = tree_chunk_layout(seq.start, len(committed), draft.parents)
+            ids = np.asarray(committed + list(draft.token_ids), dtype=np.int64)  # [n_new]
+            return SeqChunk(req.request_id, ids, seq.start, k + 1, positions, mask)
+        if len(draft.token_ids) != k:
+            raise InfersimError(f"the proposer returned {len(draft.token_ids)} draft tokens for "
+                                f"{req.request_id!r}, the scheduler planned {k}")
+        ids = np.asarray(committed + list(draft.token_ids), dtype=np.int64)  # [n_new]
+        return SeqChunk(req.request_id, ids, seq.start, k + 1)
+
+    def verify(self, seq: ScheduledSeq, draft: Draft, rows: np.ndarray,
+               store: ExecutorStore) -> tuple[tuple[int, ...], np.ndarray]:
+        if isinstance(draft, TreeDraft):
+            out, logit_rows = self._verify_tree(seq, draft, rows, store)
+            return out, rows[logit_rows]  # [len(out), n_vocab] the rows the tokens came from
+        if not isinstance(draft, LinearDraft):
+            raise InfersimError(f"unknown draft type {type(draft).__name__} for "
+                                f"{seq.request.request_id!r}")
+        req = seq.request
+        out = verify(draft.token_ids, draft.probs, rows, req.sampling, req.rng).token_ids
+        if not isinstance(store, PagedKVStore):  # keep committed + accepted drafts
+            store.truncate(req.request_id, seq.end - seq.num_spec_tokens + len(out) - 1)
+        return out, rows
+
+    def _verify_tree(self, s: ScheduledSeq, draft: TreeDraft, rows: np.ndarray,
+                     store: ExecutorStore) -> tuple[tuple[int, ...], list[int]]:
         """Verify a token tree; move the accepted nodes' K/V to their final slots (the tree
         sat in slots `end - k ..`; the path's node at depth t belongs at slot `end - k + t - 1`)."""
         req = s.request
@@ -119,16 +105,14 @@ class SpeculativeExecutor(NumpyExecutor):
         base = s.end - s.num_spec_tokens
         src = base + np.asarray(res.path, dtype=np.int64)  # [n_accepted]
         if src.size and np.any(src != base + np.arange(src.size)):
-            store = self.store
-            for layer in range(self.model.config.n_layer):
+            for layer in range(self.num_layers):
                 k_all, v_all = store.read(req.request_id, layer, s.end)  # [end, n_kv, d] x2
                 store.write(req.request_id, layer, base, k_all[src], v_all[src])
-        if isinstance(self.store, ContiguousKVStore):  # keep committed + accepted path
-            self.store.truncate(req.request_id, base + len(res.path))
+        if not isinstance(store, PagedKVStore):  # keep committed + accepted path
+            store.truncate(req.request_id, base + len(res.path))
         return res.token_ids, [0] + [p + 1 for p in res.path]
 
     def release(self, request: Request) -> None:
-        super().release(request)
         self.proposer.release(request)
         if self.on_release is not None:
             self.on_release(request)
@@ -181,9 +165,10 @@ class TraceAcceptance:
 class SpeculativeTimingExecutor:
     """Token counts only: each speculating sequence emits `accepted + 1` placeholder tokens."""
 
-    def __init__(self, acceptance: AcceptanceModel) -> None:
+    def __init__(self, acceptance: AcceptanceModel,
+                 on_release: Callable[[Request], None] | None = None) -> None:
         self.acceptance = acceptance
-        self.on_release: Any = None  # told when a request ends
+        self.on_release = on_release  # told when a request ends
 
     def run(self, plan: StepPlan) -> StepResult:
         emitted = []

@@ -183,9 +183,9 @@ def test_timing_mode_replays_an_acceptance_trace(tmp_path):
 def test_speculative_tokens_count_against_the_token_budget():
     spec = {"method": "draft_model", "model": "JackFram/llama-68m",
             "num_speculative_tokens": 4, "acceptance_rate": 0.5}
-    engine, kv, sched = create_scheduler(model=MODEL, speculative_config=spec,
+    engine, _kv, sched = create_scheduler(model=MODEL, speculative_config=spec,
                                          max_num_batched_tokens=2048, max_num_seqs=8)
-    engine.speculation.attach(sched, None, kv, engine.max_model_len, None)
+    assert sched.speculation is engine.speculation  # build_scheduler wires it
     for i in range(8):
         sched.add(engine.request_from_spec(RequestSpec(f"r{i}", 0.0, 200, 50), i))
     plan = sched.schedule(0.0)

@@ -1,6 +1,7 @@
 """What an engine is made of, built from `EngineArgs`: the timing side (cost model, memory plan),
 the functional side (the NumPy model, quantized and sharded as asked), and per run a KV manager,
-a scheduler and an executor; plus the one-line report header that names all of them.
+a scheduler and an executor (`build_executor`, the one constructor of every executor); plus the
+one-line report header that names all of them.
 
 Kept apart from the event loop (`sim.engine.engine`) so that the loop reads as the data flow of
 DESIGN.md and each feature's wiring sits in one place.
@@ -81,6 +82,7 @@ def build_functional(engine: Engine) -> tuple[Any, Any, frozenset[int], str]:
         from parallel.tensor import ShardedModel
         from sim.model.quantization.apply import tag_activation_quant
 
+        check_sharded_functional(engine)
         model = ShardedModel(model, engine.plan)
         tag_activation_quant(model, getattr(engine.quantization, "act_format", None))
         description += f" sharded {engine.plan.describe()}"
@@ -140,35 +142,67 @@ def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheMa
 def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
     """A fresh scheduler of `engine`'s kind over `kv`, with the engine's limits, stop criteria
     and the options its kind takes (`batching.SCHEDULER_OPTIONS`). Public for tests, as
-    `build_kv_manager`."""
+    `build_kv_manager`. With speculative decoding (continuous only, refused otherwise by
+    `speculative.decoding.Speculation`) it asks the engine's speculation for draft counts,
+    whose counters start afresh for the run."""
     stop = StopCriteria(engine.eos_token_ids, engine.max_model_len)
     name = engine.args.scheduler
     options = {key: getattr(engine.args, key) for key in SCHEDULER_OPTIONS[name]}
+    if engine.speculation is not None:
+        engine.speculation.reset()
+        options["speculation"] = engine.speculation
     return SCHEDULERS[name](kv, stop, engine.args.max_num_seqs, engine.max_num_batched_tokens,
                             **options)
 
 
-def make_executor(engine: Engine, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
-    """The run's executor; it reads only the step plans (a paged manager's blocks size its
-    store)."""
+def check_sharded_functional(engine: Engine) -> None:
+    """Refuse, when the engine is built, what a sharded functional model (per-GPU contiguous
+    stores, `parallel.sharded_kv`) cannot run: 8-bit KV contents and shared prefix blocks.
+    (Speculative decoding and KV eviction with model parallelism are refused by
+    `speculative.decoding.Speculation` and `EngineArgs`.)"""
     args = engine.args
+    if args.kv_cache_dtype != "auto":
+        raise ConfigError(
+            f"kv_cache_dtype={args.kv_cache_dtype!r} with a sharded functional model "
+            f"(tensor_parallel_size={engine.plan.tp}, pipeline_parallel_size={engine.plan.pp}) "
+            "is not supported (per-GPU stores are unquantized); use mode='timing' or "
+            "tensor_parallel_size = pipeline_parallel_size = 1")
+    if args.enable_prefix_caching:
+        raise ConfigError(
+            "enable_prefix_caching=True with a sharded functional model "
+            f"(tensor_parallel_size={engine.plan.tp}, pipeline_parallel_size={engine.plan.pp}) "
+            "is not supported (cached KV contents live per GPU); use mode='timing', or "
+            "tensor_parallel_size = pipeline_parallel_size = 1")
+
+
+def build_executor(engine: Engine, kv: KVCacheManager) -> Executor:
+    """The one place every executor is built, for a replica whose lanes use managers like `kv`:
+    timing-only (with speculation: acceptance drawn per step), or the one functional executor
+    over the store the manager calls for (paged in `kv`'s blocks, else contiguous; per GPU when
+    sharded), with the KV codec, KV eviction and speculation applied alike to every layout."""
+    args = engine.args
+    speculation = engine.speculation
     if args.mode == "timing":
-        return TimingExecutor()
-    if engine.sharded:
-        from parallel.sharded_kv import ShardedExecutor
+        if speculation is None:
+            return TimingExecutor()
+        from speculative.executor import SpeculativeTimingExecutor
 
-        if args.kv_cache_dtype != "auto":
-            raise ConfigError(
-                f"kv_cache_dtype={args.kv_cache_dtype!r} with a sharded functional model is not "
-                "supported (per-GPU stores are unquantized); use mode='timing' or "
-                "tensor_parallel_size = pipeline_parallel_size = 1")
-        if args.enable_prefix_caching:
-            raise ConfigError("prefix caching with a sharded functional model is not supported "
-                              "(cached KV contents live per GPU); use mode='timing', or "
-                              "tensor_parallel_size = pipeline_parallel_size = 1")
-        return ShardedExecutor(engine.functional_model, retains_kv, engine.max_model_len)
-    from sim.executor.functional import NumpyExecutor
+        return SpeculativeTimingExecutor(speculation.acceptance(), on_release=speculation.release)
+    from sim.executor.functional import ExecutorStore, NumpyExecutor, make_kv_store
 
-    block_size = kv.block_size if isinstance(kv, PagedKVCache) else None
-    return NumpyExecutor(engine.functional_model, retains_kv, engine.max_model_len, block_size,
-                         kv_cache_dtype=args.kv_cache_dtype, kv_eviction=args.eviction())
+    model = engine.functional_model
+    store: ExecutorStore
+    if engine.sharded:  # per-GPU contiguous stores; refusals in check_sharded_functional
+        from parallel.sharded_kv import RankedKVStore
+        from parallel.tensor import ShardedModel
+
+        assert isinstance(model, ShardedModel)  # build_functional shards it
+        store = RankedKVStore(model, model.dtype)
+    else:
+        block_size = kv.block_size if isinstance(kv, PagedKVCache) else None
+        store = make_kv_store(model, block_size, args.kv_cache_dtype)
+    return NumpyExecutor(
+        model, store, retains_kv=kv.retains_kv, max_model_len=engine.max_model_len,
+        kv_eviction=args.eviction(),
+        speculation=(None if speculation is None
+                     else speculation.verifier(model.config.n_layer)))

@@ -27,7 +27,7 @@ from cache.beam_search import BeamGroup
 from cache.parallel_sampling import make_samples, sample_rng
 from parallel.plan import ParallelPlan
 from sim.core.errors import ConfigError
-from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
+from sim.core.protocols import KVCacheManager, Pricer, Scheduler
 from sim.core.quantization import quant_spec
 from sim.core.request import Request, SamplingParams
 from sim.core.step import StepPlan
@@ -38,7 +38,6 @@ from sim.engine.build import (
     build_memory_plan,
     build_scheduler,
     kv_text,
-    make_executor,
 )
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepStats
@@ -120,9 +119,6 @@ class Engine:
         subclass can watch it: `benchmarks/beam_search.py` samples its running requests' block
         tables. Tests build theirs with `build_scheduler` (`tests/utils.create_scheduler`)."""
         return build_scheduler(self, kv)
-
-    def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
-        return make_executor(self, retains_kv, kv)
 
     @property
     def kv_block_bytes(self) -> float:

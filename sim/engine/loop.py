@@ -41,6 +41,7 @@ from sim.core.errors import ConfigError
 from sim.core.events import ARRIVAL, DISPATCH, STEP_DONE, EventLoop
 from sim.core.request import Request, reject
 from sim.core.step import StepPlan
+from sim.engine.build import build_executor
 from sim.engine.coasting import coast_decodes
 from sim.engine.lanes import Lane, ParallelStats, StageClock, make_lanes
 from sim.engine.records import SimulationResult, StepStats, record_step, request_times
@@ -64,16 +65,8 @@ def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],
     dp, pp = engine.plan.dp, engine.plan.pp
     functional = args.mode == "functional"
     lanes = make_lanes(engine)
-    executors = [engine._executor(lanes[r * pp].kv.retains_kv, lanes[r * pp].kv)
-                 for r in range(dp)]
+    executors = [build_executor(engine, lanes[r * pp].kv) for r in range(dp)]
     speculation = engine.speculation
-    if speculation is not None:  # the scheduler asks it for k; drafts + verification
-        if len(lanes) > 1:
-            raise ConfigError("speculative decoding runs on one lane: use data/pipeline "
-                              "parallel size 1")
-        executors[0] = speculation.attach(lanes[0].scheduler, executors[0], lanes[0].kv,
-                                          engine.max_model_len,
-                                          getattr(engine, "functional_model", None))
     if functional and speculation is None:
         for lane in lanes:  # beam-search rounds per lane: beams fork within their lane
             lane.beams = BeamSearch(lane.scheduler, lane.kv, executors[lane.replica].release,
