@@ -4,7 +4,7 @@
 computes and how many tokens of context it already has in the KV cache. New tokens attend to the
 whole context plus, causally, to each other. A decode step is one new token per sequence; a
 prefill (or a chunk of one) is many; a no-KV-cache baseline is context 0 and the whole sequence
-as new tokens. Token values never appear here (DESIGN.md rule 1).
+as new tokens. Token values never appear here: the pricer sees shapes only (ARCHITECTURE.md).
 
 `StepCost` is the price: seconds per part of the forward pass, which bound (compute or memory)
 limited each part, and the FLOPs and bytes behind it.

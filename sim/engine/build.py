@@ -3,8 +3,8 @@ the functional side (the NumPy model, quantized and sharded as asked), and per r
 a scheduler and an executor (`build_executor`, the one constructor of every executor); plus the
 one-line report header that names all of them.
 
-Kept apart from the event loop (`sim.engine.engine`) so that the loop reads as the data flow of
-DESIGN.md and each feature's wiring sits in one place.
+Kept apart from the event loop (`sim.engine.loop`) so that the loop reads as the data flow of
+ARCHITECTURE.md ("one step, one contract") and each feature's wiring sits in one place.
 
 References: vLLM `vllm/engine/arg_utils.py` (EngineArgs -> configs), `vllm/v1/engine/core.py`.
 """
