@@ -210,7 +210,8 @@ def test_property_beams_beside_plain_requests_under_pressure(kv, chunked, budget
     lens = rng.integers(2, 8 if not chunked else 30, size=4).tolist()
     prompts = [rng.integers(1, 200, n).tolist() for n in lens]
     llm = LLM(dtype="float64", max_model_len=48, block_size=4, kv_cache=kv,
-              num_gpu_blocks_override=blocks, preemption_mode=mode, swap_space=1,
+              num_gpu_blocks_override=blocks, swap_space=1,
+              preemption_mode=mode if kv == "paged" else "recompute",  # swap: paged only
               enable_chunked_prefill=chunked, max_num_batched_tokens=budget, max_num_seqs=12)
     beam = SamplingParams(n=3, use_beam_search=True, temperature=0.0, max_tokens=8,
                           ignore_eos=True)

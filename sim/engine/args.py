@@ -34,6 +34,7 @@ from sim.core.dtypes import canonical_dtype
 from sim.core.errors import ConfigError, suggest
 from sim.core.quantization import METHODS as QUANTIZATION_METHODS
 from sim.core.quantization import QuantSpec
+from sim.engine.compat import check_compatible
 from sim.model.kv_quant import KV_CACHE_DTYPES
 from sim.model.zoo import DEFAULT_MODEL
 from sim.timing.hardware import DEFAULT_HARDWARE
@@ -148,6 +149,7 @@ class EngineArgs:
                               f"{self.block_size}")
         if not (self.swap_space >= 0 and math.isfinite(self.swap_space)):
             raise ConfigError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        check_compatible(self)  # combinations of settings (sim.engine.compat), the first gate
         if self.enable_prefix_caching and self.kv_cache != "paged":
             raise ConfigError("enable_prefix_caching needs kv_cache='paged' (cached prefixes "
                               "are shared block by block)")

@@ -39,6 +39,7 @@ from sim.engine.build import (
     build_scheduler,
     kv_text,
 )
+from sim.engine.compat import check_compatible
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepStats
 from sim.model.zoo import resolve_model
@@ -55,6 +56,7 @@ class Engine:
     coast_enabled = True
 
     def __init__(self, args: EngineArgs) -> None:
+        check_compatible(args)
         self.args = args
         self.model_config = resolve_model(args.model)
         self.hardware = load_profile(args.hardware)
@@ -163,6 +165,7 @@ class Engine:
     def make_request(self, request_id: str, index: int, num_prompt_tokens: int,
                      params: SamplingParams, arrival_s: float,
                      prompt_token_ids: list[int] | None = None, prompt: str | None = None) -> Request:
+        check_compatible(self.args, params)  # the request-level rules (beam search)
         functional = self.args.mode == "functional"
 
         def build(rid: str, p: SamplingParams, sample_index: int) -> Request:
