@@ -108,27 +108,34 @@ def kv_text(engine: Engine) -> str:
     return text
 
 
-def make_kv_manager(engine: Engine) -> KVCacheManager:
+def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheManager:
+    """A KV manager over `num_blocks` blocks of `block_size` token slots (default: the engine's
+    whole pool; a pipeline-parallel lane gets its 1/pp share)."""
     args = engine.args
+    num_blocks = engine.num_kv_blocks if num_blocks is None else num_blocks
     if args.kv_cache == "none":
         return KV_CACHES["none"]()
     if args.kv_cache == "paged":
         paged = PagedKVCache(
-            engine.num_kv_blocks, args.block_size,
+            num_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
             eviction=args.eviction())
         paged.record_block_ops = args.mode == "functional"
         return paged
-    return KV_CACHES[args.kv_cache](engine.num_kv_tokens, engine.max_model_len,
+    return KV_CACHES[args.kv_cache](num_blocks * args.block_size, engine.max_model_len,
                                     args.contiguous_reservation)
 
 
-def make_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
+def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
+    """The scheduler of `EngineArgs.scheduler` over `kv`, with its options (and, with
+    speculative decoding, the policy that says how many drafts each decode verifies)."""
     stop = StopCriteria(engine.eos_token_ids, engine.max_model_len)
     name = engine.args.scheduler
-    options = {key: getattr(engine.args, key) for key in SCHEDULER_OPTIONS[name]}
+    options: dict[str, Any] = {key: getattr(engine.args, key) for key in SCHEDULER_OPTIONS[name]}
+    if engine.speculation is not None:  # (`Speculation` refuses schedulers other than continuous)
+        options["speculation"] = engine.speculation
     return SCHEDULERS[name](kv, stop, engine.args.max_num_seqs, engine.max_num_batched_tokens,
                             **options)
 

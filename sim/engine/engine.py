@@ -35,11 +35,11 @@ from sim.engine.args import EngineArgs
 from sim.engine.build import (
     build_cost_model,
     build_functional,
+    build_kv_manager,
     build_memory_plan,
+    build_scheduler,
     kv_text,
     make_executor,
-    make_kv_manager,
-    make_scheduler,
 )
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepStats
@@ -117,10 +117,10 @@ class Engine:
 
     # ------------------------------------------------------------------ building blocks
     def _kv_manager(self) -> KVCacheManager:
-        return make_kv_manager(self)
+        return build_kv_manager(self)
 
     def _scheduler(self, kv: KVCacheManager) -> Scheduler:
-        return make_scheduler(self, kv)
+        return build_scheduler(self, kv)
 
     def _executor(self, retains_kv: bool, kv: KVCacheManager | None = None) -> Executor:
         return make_executor(self, retains_kv, kv)
