@@ -10,10 +10,11 @@ then copied first (copy-on-write). So a k-sample request holds its prompt once, 
 computes `num_prompt_tokens + (k - 1)` prompt tokens instead of `k * num_prompt_tokens`.
 
 Forks happen at the leader's first commit, from committed state (its KV exists then); a manager
-without `fork` (contiguous, none) or with KV eviction makes each sample compute its own
-prompt. Random streams: sample i draws from seed `seed + i` when the request has a seed (as
-vLLM v1's `ParentRequest` does), so each sample equals an `n=1` run with that seed; without a
-seed sample i uses the stream `(engine seed, request index, 0, i)` (sample 0: `(..., 0)`, the `n=1` stream).
+without `fork` (contiguous, none) or with KV eviction makes each sample compute its own prompt
+(the engine decides, `sim.engine.hooks`). Random streams: sample i draws from seed `seed + i`
+when the request has a seed (as vLLM v1's `ParentRequest` does), so each sample equals an `n=1`
+run with that seed; without a seed sample i uses the stream `(engine seed, request index, 0, i)`
+(sample 0: `(..., 0)`, the `n=1` stream).
 
 References: Kwon et al., SOSP'23 (PagedAttention) section 4.4, parallel sampling with
 copy-on-write; vLLM v1 `vllm/v1/engine/parallel_sampling.py` (child seeds `seed + index`,
@@ -27,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sim.core.protocols import KVCacheManager, Scheduler
+from sim.core.protocols import ForkableKV, KVCacheManager, Scheduler
 from sim.core.request import Request, SamplingParams
 from sim.core.step import StepPlan
 
@@ -58,27 +59,33 @@ def make_samples(leader: Request, make: Callable[[str, SamplingParams, int], Req
     ]
 
 
-def start_forks(plan: StepPlan, scheduler: Scheduler, kv: KVCacheManager,
-                share: bool = True) -> list[tuple[Request, str]]:
-    """At the completion of `plan` (before it is committed): every leader whose prompt this step
-    finished forks its prompt KV to its other samples (`share=False`: they compute their own),
-    which join the scheduler. Returns the samples the scheduler refused, with the reason."""
-    refused = []
-    if getattr(kv, "eviction", None) is not None:  # evicted positions differ per sample
-        share = False
-    fork = getattr(kv, "fork", None) if share else None
-    for seq in plan.seqs:
-        leader = seq.request
-        if not leader.forks or not seq.samples or leader.num_output_tokens:
-            continue
-        num_shared = leader.num_prompt_tokens - 1
-        for child in leader.forks:
-            if fork is not None and kv.retains_kv and num_shared > 0:
-                fork(leader, child, num_shared)
-                child.num_computed = num_shared
-            reason = scheduler.add(child)
-            if reason is not None:
-                kv.free(child)
-                refused.append((child, reason))
-        leader.forks = []
-    return refused
+class SampleForks:
+    """Starts the samples of one scheduler's `n > 1` requests (see the module doc). Whether they
+    share the prompt's blocks is decided once, here, from the capabilities of the KV manager
+    (`ForkableKV`)."""
+
+    def __init__(self, scheduler: Scheduler, kv: KVCacheManager, share: bool = True) -> None:
+        self.scheduler = scheduler
+        self.kv = kv
+        self._fork = kv if share and isinstance(kv, ForkableKV) and kv.retains_kv else None
+
+    def start(self, plan: StepPlan, now_s: float) -> list[tuple[Request, str]]:
+        """At the completion of `plan` (before it is committed): every leader whose prompt this
+        step finished forks its prompt KV to its other samples, which join the scheduler.
+        Returns the samples the scheduler refused, with the reason."""
+        refused = []
+        for seq in plan.seqs:
+            leader = seq.request
+            if not leader.forks or not seq.samples or leader.num_output_tokens:
+                continue
+            num_shared = leader.num_prompt_tokens - 1
+            for child in leader.forks:
+                if self._fork is not None and num_shared > 0:
+                    self._fork.fork(leader, child, num_shared)
+                    child.num_computed = num_shared
+                reason = self.scheduler.add(child)
+                if reason is not None:
+                    self.kv.free(child)
+                    refused.append((child, reason))
+            leader.forks = []
+        return refused

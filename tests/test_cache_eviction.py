@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+import sim.engine.lanes as engine_lanes
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quality import eviction_logits, eviction_quality
 from cache.paged import PagedKVCache
@@ -232,7 +233,7 @@ MANY_PROMPTS = PROMPTS + [{"prompt_token_ids": RNG.integers(1, 200, n).tolist()}
 
 @pytest.mark.parametrize("setting", [{}, PREEMPTED], ids=["plain", "chunked-preempted"])
 @pytest.mark.parametrize("policy,extra", POLICIES)
-def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, setting):
+def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(monkeypatch, policy, extra, setting):
     """Over the paged store (H2O: in compacted slots), generation equals masked attention over
     all positions (the contiguous path, `EvictingModel.forward` on the whole sequence), with
     prompts longer than the budget, chunked prefill and preemption by recompute; each request
@@ -241,10 +242,10 @@ def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, 
     llm = LLM(dtype="float64", max_model_len=96, kv_eviction=policy, kv_eviction_window=6,
               block_size=4, **extra, **setting)
     managers = []
-    make = llm.engine._kv_manager
+    make = engine_lanes.build_kv_manager
 
-    def checked_manager():
-        kv = make()
+    def checked_manager(engine, num_blocks=None):
+        kv = make(engine, num_blocks)
         allocate = kv.allocate
 
         def checked(req, num_tokens, hit=0):
@@ -257,7 +258,7 @@ def test_paged_eviction_frees_blocks_and_keeps_the_masked_tokens(policy, extra, 
         managers.append(kv)
         return kv
 
-    llm.engine._kv_manager = checked_manager
+    monkeypatch.setattr(engine_lanes, "build_kv_manager", checked_manager)
     prompts = MANY_PROMPTS if setting else PROMPTS[:2]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
     assert (llm.last_result.stats.num_preemptions > 0) == bool(setting)

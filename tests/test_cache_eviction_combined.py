@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import sim.engine.lanes as engine_lanes
 from cache.kv_eviction import EvictingModel, KVEviction
 from cache.kv_quality import eviction_logits, eviction_quality
 from cache.paged import PagedKVCache
@@ -184,7 +185,7 @@ def test_swap_moves_only_kept_blocks_and_comes_back_within_the_budget(policy):
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("policy,extra", POLICIES)
-def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
+def test_swapped_equals_never_preempted(monkeypatch, policy, extra, kv_cache_dtype):
     """Swap preemption under a small pool gives the never-preempted tokens: the kept blocks
     (codes and scales) come back, and H2O's slot state stays with the sequence."""
     kw = dict(dtype="float64", max_model_len=128, kv_eviction=policy, kv_eviction_window=6,
@@ -197,10 +198,10 @@ def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
     llm = LLM(**kw, preemption_mode="swap", num_gpu_blocks_override=pool,
               enable_chunked_prefill=True, max_num_batched_tokens=16)
     managers, swaps = [], []
-    make = llm.engine._kv_manager
+    make = engine_lanes.build_kv_manager
 
-    def checked_manager():
-        kv = make()
+    def checked_manager(engine, num_blocks=None):
+        kv = make(engine, num_blocks)
         preempt = kv.preempt
 
         def checked(req):
@@ -213,7 +214,7 @@ def test_swapped_equals_never_preempted(policy, extra, kv_cache_dtype):
         managers.append(kv)
         return kv
 
-    llm.engine._kv_manager = checked_manager
+    monkeypatch.setattr(engine_lanes, "build_kv_manager", checked_manager)
     assert _tokens(llm, PROMPTS, 60) == ref
     (kv,) = managers
     assert swaps and all(swapped for swapped, _ in swaps)  # swapped, never recomputed

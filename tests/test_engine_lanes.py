@@ -33,9 +33,9 @@ def _ids(kw: dict) -> str:
 def _record_adds(monkeypatch) -> dict[str, int]:
     """request id -> the lane whose scheduler it joined (every `add` in the run)."""
     joined: dict[str, int] = {}
-    make = engine_loop.make_lanes
+    make = engine_loop.build_lanes
 
-    def make_lanes(engine):
+    def build_lanes(engine):
         lanes = make(engine)
         for lane in lanes:
             add = lane.scheduler.add
@@ -45,7 +45,7 @@ def _record_adds(monkeypatch) -> dict[str, int]:
                 return _add(req)
             lane.scheduler.add = recording_add
         return lanes
-    monkeypatch.setattr(engine_loop, "make_lanes", make_lanes)
+    monkeypatch.setattr(engine_loop, "build_lanes", build_lanes)
     return joined
 
 
