@@ -3,7 +3,13 @@
 - the clock's tie rule `(time_s, priority, seq)`: completions, then arrivals, then dispatches;
 - a feature that is off registers no hook; request-level hooks register on their first request,
   in rank order; capabilities are Protocols the schedulers satisfy;
-- lanes are built from explicit arguments (a 1/pp share of the pool, the engine untouched).
+- lanes are built from explicit arguments (a 1/pp share of the pool, the engine untouched);
+- `n > 1` under a tight KV pool (the samples used to wait in the queue holding shared prompt
+  blocks, so their preempted leader or sibling could never be re-admitted and every request
+  ended "stalled"): every request ends, sample i equals the `n=1` run with seed `seed + i`,
+  greedy samples equal greedy decoding, and all KV is freed; in timing mode too, where
+  coasting stays bit-identical to step-by-step dispatch;
+- beam search under a tight pool: the same beams as the cacheless reference, all KV freed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import pytest
 
 from batching.continuous import ContinuousScheduler
 from batching.static import StaticScheduler
+from cache.parallel_sampling import sample_params
 from parallel.plan import ParallelPlan
 from sim.core.errors import ConfigError
 from sim.core.events import Arrival, CoastDone, Dispatch, EventQueue, StepDone
@@ -28,6 +35,7 @@ from sim.engine.hooks import Admission, BeamRounds, SampleForking, SpeculationOb
 from sim.engine.lanes import OneLane, ReplicaRouter, StagePricer, StepPricer, build_lanes
 from sim.engine.loop import EngineLoop
 from sim.model.beam_search import BeamSearchParams
+from sim.model.reference import beam_search as reference_beam_search
 from sim.workload.specs import RequestSpec
 
 RNG = np.random.default_rng(11)
@@ -148,3 +156,114 @@ def test_pipeline_lanes_get_a_share_of_the_pool_without_copying_the_engine():
     assert {lane.kv.pool.num_blocks for lane in lanes} == {50}  # type: ignore[attr-defined]
     assert len({id(lane.scheduler) for lane in lanes}) == 4
     assert engine.num_kv_blocks == 101 and engine.num_kv_tokens == 101 * 16  # untouched
+
+
+# ---------------------------------------------------------------------- n > 1, tight pool
+@pytest.mark.parametrize("n", [2, 4])
+def test_samples_under_a_tight_pool_end_equal_their_seeded_runs_and_free_all_kv(n):
+    reqs, loop = _run(Engine(EngineArgs(dtype="float64", **TIGHT)),
+                      dataclasses.replace(SAMPLED, n=n))
+    assert len(reqs) == n * len(PROMPTS)
+    assert all(r.status is Status.FINISHED for r in reqs), {r.reject_reason for r in reqs}
+    assert loop.stats.num_preemptions > 0  # the pool really is tight
+    _assert_all_kv_freed(loop)
+    by_id = _by_id(reqs)
+    for i, prompt in enumerate(PROMPTS):
+        for s in range(n):  # sample s equals the n=1 run with seed + s
+            (alone,), _ = _run(Engine(EngineArgs(dtype="float64", **TIGHT)),
+                               sample_params(dataclasses.replace(SAMPLED, n=n), s), [prompt])
+            sample = by_id[str(i) if s == 0 else f"{s}_{i}"]
+            assert sample.output_token_ids == alone.output_token_ids
+            assert len(sample.output_token_ids) == min(12, 16 - len(prompt))
+    assert len({tuple(by_id[f"{s}_0"].output_token_ids) for s in range(1, n)}) == n - 1
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_greedy_samples_under_a_tight_pool_equal_greedy_decoding(n):
+    reqs, loop = _run(Engine(EngineArgs(dtype="float64", **TIGHT)),
+                      dataclasses.replace(GREEDY, n=n))
+    greedy, _ = _run(Engine(EngineArgs(dtype="float64", **TIGHT)), GREEDY)
+    by_id = _by_id(reqs)
+    for i, one in enumerate(greedy):
+        assert one.status is Status.FINISHED
+        for s in range(n):
+            sample = by_id[str(i) if s == 0 else f"{s}_{i}"]
+            assert sample.status is Status.FINISHED
+            assert sample.output_token_ids == one.output_token_ids
+    _assert_all_kv_freed(loop)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("blocks", [4, 6, 64])
+def test_timing_samples_under_a_tight_pool_end_and_coasting_stays_exact(n, blocks):
+    def run(coast: bool):
+        engine = Engine(EngineArgs(mode="timing", **{**TIGHT, "num_gpu_blocks_override": blocks}))
+        engine.coast_enabled = coast
+        reqs, loop = _run(engine, dataclasses.replace(GREEDY, n=n))
+        _assert_all_kv_freed(loop)
+        return reqs, loop
+
+    reqs, loop = run(True)
+    assert len(reqs) == n * len(PROMPTS)
+    for req in reqs:
+        assert req.status is Status.FINISHED, req.reject_reason
+        assert req.num_output_tokens == min(12, 16 - req.num_prompt_tokens)
+    # forked samples share the prompt: it is computed once plus its last token per extra sample
+    # (more only when a preempted sample recomputes)
+    assert loop.stats.num_tokens_computed >= sum(LENGTHS) + (n - 1) * len(LENGTHS)
+    if blocks == 64:
+        assert loop.stats.num_preemptions == 0
+        assert loop.stats.num_tokens_computed == (sum(LENGTHS) + (n - 1) * len(LENGTHS)
+                                                  + sum(r.num_output_tokens - 1 for r in reqs))
+    stepwise, stepwise_loop = run(False)
+    assert ([(r.request_id, r.token_times_s) for r in reqs]
+            == [(r.request_id, r.token_times_s) for r in stepwise])
+    assert loop.stats == stepwise_loop.stats
+    assert loop.steps is not None and stepwise_loop.steps is not None
+    assert loop.steps.rows == stepwise_loop.steps.rows
+
+
+def test_samples_reserve_their_seats_and_more_samples_than_seats_are_refused():
+    # the sampled prompt runs beside one plain request only: its 3 samples need 3 of the 4
+    # seats once they fork, so the other plain requests wait instead of overfilling the batch
+    engine = Engine(EngineArgs(dtype="float64", max_model_len=32, max_num_seqs=4))
+    reqs, loop = _run(engine, [dataclasses.replace(GREEDY, n=3), GREEDY, GREEDY, GREEDY])
+    assert loop.steps is not None
+    cols = loop.steps.columns()
+    assert cols["num_seqs"].max() == 4 and cols["num_seqs"][0] == 2
+    assert all(r.status is Status.FINISHED for r in reqs) and len(reqs) == 6
+    (refused, *samples), _ = _run(engine, dataclasses.replace(GREEDY, n=5), PROMPTS[:1])
+    assert refused.reject_reason is not None
+    assert "n=5 > max_num_seqs=4" in refused.reject_reason
+    assert [s.reject_reason for s in samples] == [refused.reject_reason] * 4
+    # static batching forms batches of queued requests: the samples compute their own prompts
+    static = Engine(EngineArgs(dtype="float64", max_model_len=32, max_num_seqs=2,
+                               scheduler="static"))
+    reqs, loop = _run(static, dataclasses.replace(GREEDY, n=3), PROMPTS[:1])
+    assert all(r.status is Status.FINISHED for r in reqs) and len(reqs) == 3
+    assert loop.stats.num_tokens_computed == 3 * LENGTHS[0] + 3 * 11
+
+
+# ---------------------------------------------------------------------- beams, tight pool
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_beam_search_under_a_tight_pool_gives_the_reference_beams_and_frees_all_kv(mode):
+    # a 2-beam search of up to 12 tokens needs 6 of the 8 blocks: searches take turns, and a
+    # beam preempted by the plain request restarts its search
+    engine = Engine(EngineArgs(dtype="float64", num_gpu_blocks_override=8, block_size=4,
+                               max_model_len=16, preemption_mode=mode, swap_space=1))
+    beam = BeamSearchParams(beam_width=2, max_tokens=7).sampling_params()
+    reqs, loop = _run(engine, [beam, GREEDY, beam, beam], PROMPTS)
+    assert loop.stats.num_preemptions > 0
+    _assert_all_kv_freed(loop)
+    by_id = _by_id(reqs)
+    model = engine.functional_model
+    for i, prompt in enumerate(PROMPTS):
+        req = by_id[str(i)]
+        assert req.status is Status.FINISHED, req.reject_reason
+        if i == 1:
+            continue
+        ref = reference_beam_search(model, prompt, 2, 7, max_model_len=16)
+        assert req.beam.result is not None
+        assert [b.tokens for b in req.beam.result] == [b.tokens for b in ref]
+        np.testing.assert_allclose([b.cum_logprob for b in req.beam.result],
+                                   [b.cum_logprob for b in ref], atol=1e-9)

@@ -5,7 +5,7 @@ the hooks registered for a run at these points, in this order:
 
 - `Arrival(request)`: (1) the `LaneRouter` picks the lane (`OneLane`, or the data-parallel
   router and the replica's least loaded virtual engine); (2) every `ArrivalHook`, in order:
-  `n > 1` samples, beam search (can the search ever complete here), admission
+  `n > 1` samples (their seats), beam search (can the search ever complete here), admission
   control (load shedding); the first reason rejects the request; (3) the lane's scheduler
   `add`s it (or gives its own reason).
 - `Dispatch(lane)`, the lane idle: its scheduler plans a step. A plan: the `LanePricer` gives
@@ -31,7 +31,8 @@ then and their other hooks when the first request that uses them arrives.
 
 Capabilities are Protocols (`sim.core.protocols`) checked once, in `build_hooks`: coasting needs
 a `CoastableScheduler` on every lane, beam search a `JoinableScheduler`, shared samples a
-`ForkableKV`; an unsupported combination of settings is a `ConfigError` naming both.
+`ForkableKV` and a `JoinableScheduler`; an unsupported combination of settings is a
+`ConfigError` naming both.
 
 References: vLLM v1 `vllm/v1/engine/core.py` (the step loop these points sit in); the
 observer/plug-in structure of discrete-event simulators (SimPy processes, Vidur's schedulers).
@@ -165,9 +166,8 @@ class Admission:
 
 class SampleForking:
     """`n > 1` (`cache.parallel_sampling`): the samples join their leader's lane and fork its
-    prompt KV when the leader's prompt is done; they end with a leader that never ran. (Its
-    arrival hook refuses nothing: it registers the other hooks on the first request with
-    samples.)"""
+    prompt KV when the leader's prompt is done (into the running batch); they end with a leader
+    that never ran. A leader holds a seat per sample, so more samples than seats are refused."""
 
     rank: ClassVar[int] = 2
 
@@ -183,7 +183,7 @@ class SampleForking:
             self.active = True
             self.hooks.add_step_done(self)
             self.hooks.end.append(self)
-        return None
+        return self.forks[lane.index].check(request)
 
     def on_step_done(self, lane: Lane, done: StepDone, now_s: float
                      ) -> tuple[StepDone, list[Request]]:
