@@ -10,10 +10,10 @@ References: vLLM `vllm/v1/engine/processor.py` (request validation), `vllm/confi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from batching.commit import StopCriteria
-from sim.core.protocols import KVCacheManager
+from sim.core.protocols import KVCacheManager, Scheduler
 from sim.core.request import Request
 
 
@@ -66,14 +66,18 @@ class AdmissionControl:
     def active(self) -> bool:
         return any(x is not None for x in (self.max_waiting, self.rate_per_s, self.ttft_slo_s))
 
-    def check(self, request: Request, now_s: float, waiting: Sequence[Request],
+    def check(self, request: Request, now_s: float, scheduler: Scheduler,
               busy_until_s: float) -> str | None:
-        """Why `request` is refused now ("<kind>: <details>"), or None (then it is counted)."""
-        if self.max_waiting is not None and len(waiting) >= self.max_waiting:
-            return (f"queue full: {len(waiting)} requests waiting >= max_waiting="
+        """Why `request` is refused now ("<kind>: <details>"), or None (then it is counted).
+        `scheduler` is the one the request would wait in; `busy_until_s` the end of its step in
+        flight."""
+        num_waiting = scheduler.num_waiting
+        if self.max_waiting is not None and num_waiting >= self.max_waiting:
+            return (f"queue full: {num_waiting} requests waiting >= max_waiting="
                     f"{self.max_waiting}")
         if self.ttft_slo_s is not None and self.prefill_s is not None:
-            ahead = sum(self.prefill_s(r.num_prompt_tokens - r.num_computed) for r in waiting)
+            ahead = sum(self.prefill_s(r.num_prompt_tokens - r.num_computed)
+                        for r in scheduler.waiting_requests())
             predicted_s = max(busy_until_s - now_s, 0.0) + ahead + self.prefill_s(
                 request.num_prompt_tokens)
             if predicted_s > self.ttft_slo_s:

@@ -16,6 +16,12 @@ When KV memory runs out the most recently admitted running request is preempted 
 choice); under the `priority` policy a waiting request may also preempt a running one of worse
 priority.
 
+Sequences that hold KV already may join the running batch between steps (`join`: the forked
+samples of an `n > 1` request, the beams of a beam search); a leader whose samples or beams have
+not forked yet holds a seat of `max_num_seqs` for each (`Request.num_seats`). The scheduler keeps
+no state of those features: it reads the request (and its beam group) only. With speculative
+decoding the policy given at construction (`SpecPolicy`) says how many drafts each decode verifies.
+
 References: Yu et al., "Orca: A Distributed Serving System for Transformer-Based Generative
 Models" (OSDI'22), iteration-level scheduling; Agrawal et al., "Taming Throughput-Latency
 Tradeoff in LLM Inference with Sarathi-Serve" (OSDI'24), chunked prefill; vLLM
@@ -24,22 +30,15 @@ Tradeoff in LLM Inference with Sarathi-Serve" (OSDI'24), chunked prefill; vLLM
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
 
 from batching.admission import never_runs
 from batching.commit import StopCriteria, commit_step, finish
 from batching.plan import build_plan
 from batching.policy import WaitingQueue
-from sim.core.protocols import KVCacheManager
+from sim.core.protocols import GrowthCertifier, KVCacheManager, SpecPolicy
 from sim.core.request import Request, Status
 from sim.core.step import ScheduledSeq, StepPlan, StepResult
-
-
-class DraftBudget(Protocol):
-    """Speculative decoding's control (`speculative.decoding.Speculation`): draft tokens to
-    verify after a decoding request's token this step, within `budget` tokens."""
-
-    def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int: ...
 
 
 class ContinuousScheduler:
@@ -54,7 +53,7 @@ class ContinuousScheduler:
         max_num_partial_prefills: int = 1,
         scheduling_policy: str = "fcfs",
         kv_watermark: float = 0.01,
-        speculation: DraftBudget | None = None,
+        speculation: SpecPolicy | None = None,
     ) -> None:
         self.kv = kv
         self.stop = stop
@@ -75,27 +74,38 @@ class ContinuousScheduler:
         self.num_preemptions = 0
         #: KV tokens reserved after each step `coast_horizon` certified (per-step series)
         self.coast_reserved_tokens: list[int] = []
-        #: speculative decoding (the engine's, `sim.engine.build.build_scheduler`): draft tokens
+        #: speculative decoding: how many drafts each decode verifies (None: no speculation)
         self.speculation = speculation
-        self._beams = False  # a beam-search request was added (its leader reserves seats)
+        # paged KV: how many plain-decode steps its free blocks surely serve
+        self._coast_growth = kv.coast_growth if isinstance(kv, GrowthCertifier) else None
+        # running requests admitted while holding more than one seat (`Request.num_seats`)
+        self._reserving: dict[Request, None] = {}
 
     def add(self, request: Request) -> str | None:
         reason = never_runs(request, self.kv, self.stop, self.max_num_batched_tokens,
                             chunked=self.chunked)
         if reason is None:
             self.waiting.add(request)
-            self._beams |= request.beam is not None
         return reason
 
-    def _seats(self, req: Request) -> int:
-        """Seats (of `max_num_seqs`) `req` takes: a beam search whose beams have not forked yet
-        reserves one per beam (vLLM v0 counts a sequence group's most running sequences)."""
-        return req.sampling.n if req.beam is not None and not req.beam.num_rounds else 1
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def waiting_requests(self) -> Iterable[Request]:
+        return self.waiting
+
+    def next_wakeup_s(self, now_s: float) -> float | None:
+        return None  # only an arrival or a completion gives an idle continuous batch work
 
     def _seats_taken(self) -> int:
-        if not self._beams:
+        """Seats of `max_num_seqs` the running requests hold: one each, plus what leaders whose
+        samples or beams have not forked yet reserve for them (`Request.num_seats`)."""
+        if not self._reserving:
             return len(self.running)
-        return sum(self._seats(r) for r in self.running)
+        self._reserving = {r: None for r in self._reserving
+                           if r.status is Status.RUNNING and r.num_seats > 1}
+        return len(self.running) + sum(r.num_seats - 1 for r in self._reserving)
 
     def _chunk(self, req: Request, start: int, budget: int) -> int:
         """Tokens of `req` to compute this step from `start`: all of them, or with chunked
@@ -118,8 +128,7 @@ class ContinuousScheduler:
             n = req.num_tokens - req.num_computed
             if n != 1:  # a prompt (or a recompute): chunked with chunked prefill
                 n = self._chunk(req, req.num_computed, budget)
-            if n > budget or n == 0 or (self._beams and req.beam is not None
-                                        and req.request_id in req.beam.proposals):
+            if n > budget or n == 0 or (req.beam is not None and req.beam.waits(req)):
                 # (a beam that already proposed this round waits for its siblings)
                 i += 1
                 continue
@@ -142,7 +151,7 @@ class ContinuousScheduler:
         partial = sum(1 for r in self.running if r.num_computed < r.num_prompt_tokens)
         while not preempted and self.waiting:
             req = self.waiting.peek()
-            short = self._seats_taken() + self._seats(req) - self.max_num_seqs
+            short = self._seats_taken() + req.num_seats - self.max_num_seqs
             while short > 0:
                 # all seats taken; under the priority policy a better request takes one
                 better = self._preempt_worse(req) if self.policy == "priority" else None
@@ -150,7 +159,7 @@ class ContinuousScheduler:
                     break
                 budget += self._unschedule(seqs, better)
                 preempted = True
-                short = self._seats_taken() + self._seats(req) - self.max_num_seqs
+                short = self._seats_taken() + req.num_seats - self.max_num_seqs
             if short > 0:
                 break
             hit = kv.cached_prefix(req) if req.num_computed == 0 else 0
@@ -205,6 +214,8 @@ class ContinuousScheduler:
                n: int) -> None:
         self.waiting.pop()
         self.running.append(req)
+        if req.num_seats > 1:
+            self._reserving[req] = None
         req.status = Status.RUNNING
         if req.first_scheduled_s != req.first_scheduled_s:  # NaN: first time
             req.first_scheduled_s = now_s
@@ -270,9 +281,8 @@ class ContinuousScheduler:
             horizon = min(horizon, left - 1)  # the step that may stop a request is not coasted
             if horizon <= 0:
                 return 0
-        growth = getattr(self.kv, "coast_growth", None)
-        if growth is not None:  # paged: steps whose new blocks the pool surely has
-            self.coast_reserved_tokens = growth(self.running, horizon)
+        if self._coast_growth is not None:  # paged: steps whose new blocks the pool surely has
+            self.coast_reserved_tokens = self._coast_growth(self.running, horizon)
             return len(self.coast_reserved_tokens)
         # otherwise no coasted step may need new KV memory (step k allocates num_tokens + k)
         for req in self.running:
@@ -308,12 +318,20 @@ class ContinuousScheduler:
         self.num_preemptions += 1
         self.waiting.requeue(victim)
 
-    def join(self, request: Request, parent: Request) -> None:
-        """A beam forked from `parent` runs from the next step on, beside it (so victims are
-        still chosen by when the search was admitted)."""
+    def join(self, request: Request, parent: Request | None = None) -> None:
+        """`request`, which holds KV already, runs from the next step on: a beam forked from
+        `parent` beside it (so victims are still chosen by when the search was admitted), a
+        forked sample after everything running (admitted now, it is the first victim)."""
         request.status = Status.RUNNING
-        at = self.running.index(parent) + 1 if parent in self.running else len(self.running)
-        self.running.insert(at, request)
+        if parent is None or parent not in self.running:
+            self.running.append(request)
+        else:
+            self.running.insert(self.running.index(parent) + 1, request)
+
+    def requeue(self, request: Request) -> None:
+        """Queue a request holding no KV first in line (a beam search that restarts)."""
+        request.status = Status.WAITING
+        self.waiting.requeue(request)
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queues and free its KV (a beam search drops a beam)."""
@@ -332,5 +350,6 @@ class ContinuousScheduler:
         for req in aborted:
             self.kv.free(req)
         self.running = []
+        self._reserving = {}
         return aborted
 

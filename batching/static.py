@@ -22,6 +22,7 @@ FasterTransformer; HF transformers `generate`; NVIDIA Triton Inference Server, "
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 from batching.admission import never_runs
 from batching.commit import StopCriteria, commit_step, finish
@@ -58,6 +59,14 @@ class StaticScheduler:
         self.preferred_batch_sizes = tuple(sorted(set(preferred_batch_sizes) or {max_num_seqs}))
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # members keep their slot until the batch ends
+        self.num_preemptions = 0  # a static batch never preempts (it reserves up front)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def waiting_requests(self) -> Iterable[Request]:
+        return self.waiting
 
     def _batch_size_now(self, now_s: float) -> int:
         """How many waiting requests to launch now (0: keep waiting)."""

@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 from sim import SamplingParams  # noqa: E402
+from sim.core.step import StepPlan  # noqa: E402
 from sim.engine.args import EngineArgs  # noqa: E402
 from sim.engine.engine import Engine  # noqa: E402
 from sim.model.reference import beam_search as reference_beam_search  # noqa: E402
@@ -61,21 +62,18 @@ PAPER = {"source": "Kwon et al., SOSP'23, Fig. 15 (OPT-13B, widths 2, 4, 6)",
 
 
 class SharingProbe(Engine):
-    """An engine that samples, at every dispatched step, the KV blocks held (distinct) and the
-    blocks the same sequences' tables name (what they would hold without sharing)."""
+    """An engine that samples, at every dispatched step, the KV blocks its sequences hold
+    (distinct) and the blocks their tables name (what they would hold without sharing), read
+    from the step plan's block tables (`ScheduledSeq.kv`)."""
 
-    def _scheduler(self, kv: Any) -> Any:
-        self._probe_scheduler: Any = super()._scheduler(kv)
-        self._probe_kv: Any = kv
-        self.block_samples: list[tuple[int, int]] = []  # (distinct, logical) per step
-        return self._probe_scheduler
+    block_samples: list[tuple[int, int]]  # (distinct, logical) per step
 
-    def _swap_s(self, plan: Any, stats: Any) -> float:  # once per step, after its allocation
-        kv = self._probe_kv
-        if hasattr(kv, "block_table"):
-            logical = sum(len(kv.block_table(r.request_id))
-                          for r in self._probe_scheduler.running)
-            self.block_samples.append((kv.pool.num_used_blocks(), logical))
+    def _swap_s(self, plan: StepPlan, stats: Any) -> float:  # once per dispatched step
+        tables = [s.kv.block_table for s in plan.seqs if s.kv is not None]
+        if tables:
+            distinct = {b for table in tables for b in table if b >= 0}
+            logical = sum(sum(1 for b in table if b >= 0) for table in tables)
+            self.block_samples.append((len(distinct), logical))
         return super()._swap_s(plan, stats)
 
 
@@ -93,6 +91,7 @@ def run(kind: str, kv: str, prompts: list[list[int]], width: int, max_tokens: in
     prompt_len = len(prompts[0])
     engine = SharingProbe(EngineArgs(model=MODEL, hardware=HARDWARE, mode="functional",
                                      max_model_len=prompt_len + max_tokens, **KV[kv]))
+    engine.block_samples = []
     sp = params(kind, width, max_tokens)
     reqs = [engine.make_request(str(i), i, prompt_len, sp, 0.0, p) for i, p in enumerate(prompts)]
     result = engine.run(reqs, record_steps=True)

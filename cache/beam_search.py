@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
-from sim.core.protocols import KVCacheManager
+from sim.core.protocols import BlockKV, ForkableKV, JoinableScheduler, KVCacheManager, ReservingKV
 from sim.core.request import Logprob, Request, Status, reject
 from sim.core.step import StepPlan, StepResult
 from sim.model.beam_search import BeamSequence, best_beams, next_beams
@@ -73,6 +72,17 @@ class BeamGroup:
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    def num_seats(self) -> int:
+        """Seats of `max_num_seqs` each live beam takes: before the first round the leader
+        alone reserves one per beam (vLLM v0 counts a sequence group's most running
+        sequences), then one each."""
+        return self.width if not self.round_times_s else 1
+
+    def waits(self, req: Request) -> bool:
+        """Whether beam `req` proposed this round already: it is held (not scheduled) until its
+        siblings have proposed too, so that beams move in lockstep."""
+        return req.request_id in self.proposals
 
     def beam(self, req: Request) -> BeamSequence:
         assert req.prompt_token_ids is not None
@@ -115,12 +125,15 @@ class BeamGroup:
 class BeamSearch:
     """The engine's beam-search hook for one run: completes rounds as steps finish."""
 
-    def __init__(self, scheduler: Any, kv: KVCacheManager, release: Callable[[Request], None],
-                 share: bool) -> None:
+    def __init__(self, scheduler: JoinableScheduler, kv: KVCacheManager,
+                 release: Callable[[Request], None], share: bool) -> None:
         self.scheduler = scheduler
         self.kv = kv
         self.release = release  # the executor's: drops a beam's KV contents
-        self.fork = getattr(kv, "fork", None) if share and kv.retains_kv else None
+        # capabilities, checked once: block sharing, slab reservations, block rounding
+        self.forker = kv if share and kv.retains_kv and isinstance(kv, ForkableKV) else None
+        self.reservation = kv.reservation_tokens if isinstance(kv, ReservingKV) else None
+        self.block_size = kv.block_size if isinstance(kv, BlockKV) else 1
         self.groups: dict[int, BeamGroup] = {}  # searches under way, by id
 
     def check(self, req: Request) -> str | None:
@@ -135,15 +148,14 @@ class BeamSearch:
             return (f"beam width larger than max_num_batched_tokens: {width} beams decode in one "
                     f"step > {budget}; raise max_num_batched_tokens")
         longest = req.max_len(req.beam.max_model_len)
-        if self.fork is None and longest > budget and not self.scheduler.chunked:
+        if self.forker is None and longest > budget and not self.scheduler.chunked:
             return (f"step larger than max_num_batched_tokens: without shared KV a forked beam "
                     f"recomputes up to {longest} tokens in one step > max_num_batched_tokens="
                     f"{budget}; raise it or enable chunked prefill")
         total = self.kv.usage().num_total_tokens
-        reserve = getattr(self.kv, "reservation_tokens", None)  # contiguous: a slab per beam
-        per_beam = reserve(req) if reserve is not None else longest
-        block = getattr(self.kv, "block_size", 1)
-        per_beam = -(-per_beam // block) * block
+        # contiguous: a slab per beam; paged: whole blocks
+        per_beam = self.reservation(req) if self.reservation is not None else longest
+        per_beam = -(-per_beam // self.block_size) * self.block_size
         if self.kv.retains_kv and width * per_beam > total:
             return (f"beam search larger than the KV cache: {width} beams of up to {longest} "
                     f"tokens need {width * per_beam} KV slots > the whole cache ({total}); "
@@ -219,7 +231,7 @@ class BeamSearch:
         group.finished.clear()
         group.round_times_s.clear()
         group.restart_pending = False
-        self.scheduler.waiting.requeue(leader)
+        self.scheduler.requeue(leader)
 
     def _round(self, group: BeamGroup, plan: StepPlan, now_s: float,
                chosen: dict[str, tuple[int, Entry]]) -> list[Request]:
@@ -249,10 +261,10 @@ class BeamSearch:
                 new_live.append(parent)
                 continue
             child = group.fork_request(parent, token, beam.cum_logprob)
-            if self.fork is not None:  # blocks shared; copy-on-write when written
+            if self.forker is not None:  # blocks shared; copy-on-write when written
                 # a parent held from an earlier step has KV up to its num_computed
                 shared = parent.num_tokens if parent.request_id in sampled else parent.num_computed
-                self.fork(parent, child, shared)
+                self.forker.fork(parent, child, shared)
                 child.num_computed = shared
             # (without sharing the new beam recomputes its sequence in the running batch)
             self.scheduler.join(child, parent)

@@ -223,6 +223,9 @@ class PagedKVCache:
         num_tokens = np.array([r.num_tokens for r in requests])  # [n]
         held = np.array([len(self._tables[r.request_id]) for r in requests])  # [n] blocks
         used_blocks = self.pool.num_used_blocks()
+        if self._forked and any(self.pool.ref_count[b] > 1 for r in requests
+                                for b in self._tables[r.request_id][(r.num_tokens - 1) // bs:]):
+            return []  # a step would write into a block shared with a fork: copy-on-write first
         if self.enable_prefix_caching or self._forked:
             steps = int(min(max_steps, (held * bs - num_tokens + 1).min()))
             return [used_blocks * bs] * max(steps, 0)

@@ -19,8 +19,9 @@ Features (non-default values): KV layout (contiguous, none), prefix caching, KV 
 fp8), eviction (sliding_window, streaming_llm, h2o), preemption (swap, with a pool that
 forces preemption), scheduler (static, dynamic), chunked prefill, queue policy (priority,
 shortest_prompt_first), speculation (ngram, draft_model), n = 2 (seeded), beam search (width
-2), weight quantization (int8), TP 2, PP 2, DP 2. Combinations that fail today because of bugs
-being fixed elsewhere are strict xfails, so they turn into failures once fixed.
+2), weight quantization (int8), TP 2, PP 2, DP 2. Two bugs this matrix
+found are fixed and pinned here: 8-bit KV was dropped under speculative decoding, and `n > 1`
+under a tight pool stalled (forked samples waited holding their prompt blocks).
 """
 
 from __future__ import annotations
@@ -166,29 +167,9 @@ def _refused(combo: tuple[Setting, ...]) -> bool:
     return False
 
 
-TIGHT_N_BUG = ("n > 1 under a tight pool stalls: forked samples wait holding their prompt "
-               "blocks while the preempted leader cannot be re-admitted (being fixed on the "
-               "event-loop branch)")
-
-
-# KNOWN BUGS being fixed on other branches: strict xfails, so a fix turns them into failures
-def _known_bug(combo: tuple[Setting, ...]) -> str | None:
-    features = {s.feature for s in combo}
-    if _refused(combo):
-        return None
-    if {"kv_cache_dtype", "speculation"} <= features:
-        return ("speculative decoding drops kv_cache_dtype: SpeculativeExecutor keeps an "
-                "unquantized KV store (being fixed on the executor branch)")
-    if {"n", "preemption_mode"} <= features:  # the swap setting's pool is a tight one
-        return TIGHT_N_BUG
-    return None
-
-
 def _params(combos: list[tuple[Setting, ...]]) -> Iterator[Any]:
     for combo in combos:
-        bug = _known_bug(combo)
-        marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-        yield pytest.param(combo, marks=marks, id="+".join(s.label for s in combo))
+        yield pytest.param(combo, id="+".join(s.label for s in combo))
 
 
 # ---------------------------------------------------------------------------- running
@@ -224,17 +205,8 @@ def _build(engine: dict[str, Any], params: SamplingParams) -> LLM:
 
 
 def _run(llm: LLM, params: SamplingParams, prompts: list[dict[str, Any]] = PROMPTS) -> Run:
-    managers: list[KVCacheManager] = []
-    make = llm.engine._kv_manager  # every lane's manager (dp x pp of them) is made here
-
-    def recorded() -> KVCacheManager:
-        kv = make()
-        managers.append(kv)
-        return kv
-
-    llm.engine._kv_manager = recorded  # type: ignore[method-assign]
     outs = llm.generate(prompts, params, priority=PRIORITY[: len(prompts)])
-    return Run(llm, outs, managers)
+    return Run(llm, outs, list(llm.last_result.kv_managers))
 
 
 def _run_setting(*combo: Setting) -> Run:
@@ -270,7 +242,7 @@ def _same(got: Outputs, want: Outputs) -> bool:
 
 def _assert_kv_freed(run: Run) -> None:
     plan = run.llm.engine.plan
-    assert len(run.kv_managers) == plan.dp * plan.pp  # one per lane: the hook saw them all
+    assert len(run.kv_managers) == plan.dp * plan.pp  # one per lane
     for kv in run.kv_managers:
         assert kv.num_used_tokens() == 0 and kv.num_reserved_tokens() == 0
         if isinstance(kv, PagedKVCache):
@@ -384,8 +356,7 @@ _TIGHT_PROMPTS = [{"prompt_token_ids": ids} for ids in
                   ([5, 9, 13, 200], [17, 3, 88, 41, 6], [7, 8, 9], [120, 33, 250, 4, 61])]
 _TIGHT = dict(BASE, max_model_len=16, block_size=4)
 _REQUESTS = {
-    "n": pytest.param({"n": 2, "seed": 11}, id="n=2",
-                      marks=pytest.mark.xfail(strict=True, reason=TIGHT_N_BUG)),
+    "n": pytest.param({"n": 2, "seed": 11}, id="n=2"),
     "beam": pytest.param({"n": 2, "use_beam_search": True}, id="beam_search"),
 }
 

@@ -31,21 +31,26 @@ def _ids(kw: dict) -> str:
 
 
 def _record_adds(monkeypatch) -> dict[str, int]:
-    """request id -> the lane whose scheduler it joined (every `add` in the run)."""
+    """request id -> the lane whose scheduler it entered (every `add`, and every `join` of a
+    forked sample, in the run)."""
     joined: dict[str, int] = {}
-    make = engine_loop.make_lanes
+    make = engine_loop.build_lanes
 
-    def make_lanes(engine):
+    def build_lanes(engine):
         lanes = make(engine)
         for lane in lanes:
-            add = lane.scheduler.add
+            add, join = lane.scheduler.add, lane.scheduler.join
 
             def recording_add(req, _add=add, _i=lane.index):
                 joined[req.request_id] = _i
                 return _add(req)
-            lane.scheduler.add = recording_add
+
+            def recording_join(req, parent=None, _join=join, _i=lane.index):
+                joined[req.request_id] = _i
+                return _join(req, parent)
+            lane.scheduler.add, lane.scheduler.join = recording_add, recording_join
         return lanes
-    monkeypatch.setattr(engine_loop, "make_lanes", make_lanes)
+    monkeypatch.setattr(engine_loop, "build_lanes", build_lanes)
     return joined
 
 

@@ -1,4 +1,5 @@
-"""The protocols at the joints: `Scheduler`, `KVCacheManager`, `KVStore`, `Executor`, `Pricer`.
+"""The protocols at the joints: `Scheduler`, `KVCacheManager`, `KVStore`, `Executor`, `Pricer`,
+and the capabilities some of them add (checked once, when an engine run is built, never probed per step).
 
 `KVCacheManager` is KV-cache *accounting* (which request holds how much memory); the KV
 *contents* live in a `KVStore` (`sim.model.kv_store`, `sim.model.paged_store`) that the
@@ -11,8 +12,8 @@ PagedAttention" (SOSP'23) for the manager/block-table split; vLLM `vllm/v1/core/
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Protocol
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -85,6 +86,9 @@ class KVCacheManager(Protocol):
 class Scheduler(Protocol):
     """Decides, each step, which requests run and how many tokens each computes."""
 
+    #: requests preempted so far (their KV taken away so that others could run)
+    num_preemptions: int
+
     def add(self, request: Request) -> str | None:
         """Queue a request; a string is the reason it can never run (it is then rejected)."""
         ...
@@ -101,6 +105,107 @@ class Scheduler(Protocol):
 
     def abort_all(self, reason: str) -> list[Request]:
         """Remove every queued or running request (e.g. nothing can ever be scheduled)."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not running."""
+        ...
+
+    def waiting_requests(self) -> Iterable[Request]:
+        """The queued requests, in the order they would be admitted."""
+        ...
+
+    def next_wakeup_s(self, now_s: float) -> float | None:
+        """When an idle scheduler wants to plan again although nothing arrives (a batching wait
+        expiring); None when only an arrival or a completion can give it work."""
+        ...
+
+
+@runtime_checkable
+class JoinableScheduler(Scheduler, Protocol):
+    """A scheduler whose running batch sequences may join and leave between steps: forked
+    samples of `n > 1` and the beams of a beam search (iteration-level batching). It admits a
+    request only with `Request.num_seats` of its `max_num_seqs` seats free, so that the
+    sequences it forks into find theirs."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    #: chunked prefill: a step may compute part of a prompt
+    chunked: bool
+
+    def join(self, request: Request, parent: Request | None = None) -> None:
+        """`request`, which holds KV already, runs from the next step on: right after
+        `parent` in the running batch, or after everything running (just admitted)."""
+        ...
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and free its KV."""
+        ...
+
+    def requeue(self, request: Request) -> None:
+        """Queue a request that holds no KV again, first in line (a restarted search)."""
+        ...
+
+
+@runtime_checkable
+class CoastableScheduler(Scheduler, Protocol):
+    """A scheduler that can certify stretches of plain decodes and commit them at once
+    (timing-only coasting, `sim.engine.coasting`)."""
+
+    running: list[Request]
+    kv: KVCacheManager
+    #: KV tokens reserved after each step the last `coast_horizon` certified
+    coast_reserved_tokens: list[int]
+
+    def coast_horizon(self) -> int:
+        """How many upcoming steps are certain to be plain decodes of the running batch."""
+        ...
+
+    def coast(self, step_end_times_s: list[float]) -> None:
+        """Commit that many plain decode steps, ending at these times."""
+        ...
+
+
+class SpecPolicy(Protocol):
+    """Speculative decoding as the scheduler sees it: how many draft tokens to verify."""
+
+    def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int:
+        """Draft tokens to verify after `req`'s decode token this step, within `budget`."""
+        ...
+
+
+@runtime_checkable
+class ForkableKV(KVCacheManager, Protocol):
+    """A KV manager whose sequences can share another's blocks by reference (copy-on-write)."""
+
+    def fork(self, parent: Request, child: Request, num_tokens: int | None = None) -> None:
+        """`child` (holding nothing) shares the KV of `parent`'s first `num_tokens` tokens."""
+        ...
+
+
+@runtime_checkable
+class BlockKV(Protocol):
+    """A KV manager that hands out memory in blocks of `block_size` token slots."""
+
+    block_size: int
+
+
+@runtime_checkable
+class ReservingKV(Protocol):
+    """A KV manager that reserves one slab per request up front (contiguous layouts)."""
+
+    def reservation_tokens(self, request: Request) -> int:
+        """Token slots the request's slab takes."""
+        ...
+
+
+@runtime_checkable
+class GrowthCertifier(Protocol):
+    """A KV manager that can tell how many plain-decode steps its free memory surely serves."""
+
+    def coast_growth(self, requests: Sequence[Request], max_steps: int) -> list[int]:
+        """The reserved KV tokens after each of up to `max_steps` such steps."""
         ...
 
 

@@ -191,6 +191,15 @@ class Request:
         return min(max_model_len, self.num_prompt_tokens + self.sampling.max_tokens)
 
     @property
+    def num_seats(self) -> int:
+        """Seats of `max_num_seqs` the sequence takes while it runs: one, or for a leader whose
+        samples (`n > 1`) or beams have not forked yet, one per sequence it will become (vLLM
+        v0's `SequenceGroup.get_max_num_running_seqs`), so that they can join it later."""
+        if self.beam is not None:
+            return int(self.beam.num_seats())
+        return 1 + len(self.forks)
+
+    @property
     def num_uncomputed(self) -> int:
         """Tokens whose KV does not exist yet (the work the next step must do)."""
         return self.num_tokens - self.num_computed

@@ -7,22 +7,35 @@ commits them at once (`scheduler.coast`), each at its own end time exactly as st
 dispatch would. No coasted step starts at or after the next event (an arrival may join it).
 A test proves the results bit-identical to step-by-step runs (times, stats, step series).
 
+`Coaster` is the loop's coasting hook (`sim.engine.hooks.CoastHook`); it is registered only when
+every lane's scheduler is a `CoastableScheduler` and coasting can be exact (timing-only, one
+pipeline stage, no speculation), which the loop's builder checks once.
+
 References: the same idea as a discrete-event simulator's "fast-forward" of a state that no
 event can change before a known time (e.g. Vidur's replica-stage scheduling of batches).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
+from sim.core.protocols import CoastableScheduler
+from sim.engine.lanes import Lane, ParallelStats
 from sim.engine.records import StepStats
 from sim.metrics.step_series import StepSeries
 
 
-def coast_decodes(cost_model: Any, scheduler: Any, now_s: float, next_event_s: float,
-                  stats: StepStats, steps: StepSeries | None, lane: int = 0,
+class DecodePricer(Protocol):
+    """What coasting needs from a cost model: the time of one step of a batch."""
+
+    def step_time_s(self, num_new_tokens: tuple[int, ...], num_context_tokens: tuple[int, ...],
+                    num_logits: int | None = None) -> float: ...
+
+
+def coast_decodes(cost_model: DecodePricer, scheduler: CoastableScheduler, now_s: float,
+                  next_event_s: float, stats: StepStats, steps: StepSeries | None, lane: int = 0,
                   busy_row: list[float] | None = None) -> float:
     """Price and commit the plain-decode steps the scheduler certifies, starting none at or
     after `next_event_s`; the end time of the last one (`now_s` when none ran). `lane` labels
@@ -44,8 +57,8 @@ def coast_decodes(cost_model: Any, scheduler: Any, now_s: float, next_event_s: f
         step_s = cost_model.step_time_s(ones, tuple((context0 + k).tolist()), num_seqs)
         if steps is not None:
             held = used0 + (k + 1) * num_seqs
-            steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs,
-                      len(scheduler.waiting), held, scheduler.coast_reserved_tokens[k], lane)
+            steps.add(now_s, now_s + step_s, num_seqs, 0, num_seqs, scheduler.num_waiting, held,
+                      scheduler.coast_reserved_tokens[k], lane)
         now_s = now_s + step_s
         end_times_s.append(now_s)
         stats.busy_s += step_s
@@ -56,3 +69,19 @@ def coast_decodes(cost_model: Any, scheduler: Any, now_s: float, next_event_s: f
     stats.num_tokens_computed += num_seqs * len(end_times_s)
     stats.num_tokens_priced += num_seqs * len(end_times_s)
     return now_s
+
+
+class Coaster:
+    """The coasting hook: after a lane's step (or coasted stretch) completes, coast what its
+    scheduler certifies, up to the next event of any lane."""
+
+    def __init__(self, cost_model: DecodePricer, schedulers: list[CoastableScheduler],
+                 stats: StepStats, steps: StepSeries | None, info: ParallelStats) -> None:
+        self.cost_model, self.schedulers = cost_model, schedulers  # [lane]
+        self.stats, self.steps, self.info = stats, steps, info
+
+    def coast(self, lane: Lane, now_s: float, next_event_s: float) -> float:
+        """End time of the coasted stretch of `lane` starting at `now_s` (`now_s`: none)."""
+        return coast_decodes(self.cost_model, self.schedulers[lane.index], now_s, next_event_s,
+                             self.stats, self.steps, lane.index,
+                             self.info.stage_busy_s[lane.replica])

@@ -1,10 +1,10 @@
 """The engine: requests in, a discrete-event simulation, tokens and metrics out.
 
-One loop drives everything (DESIGN.md "one-way data flow"; `sim.engine.loop`, for every parallel
-layout): at each dispatch the scheduler plans a step from committed state, the executor computes
-it (real tokens, or none in timing mode), the cost model prices its shape, and a `StepDone` event
-at `now + cost` commits the results. Arrivals stream in lazily from any iterable, so a
-million-request workload never sits in memory.
+One loop drives everything (`sim.engine.loop`, for every parallel layout; each optional feature
+is a hook of it, `sim.engine.hooks`): at each dispatch the scheduler plans a step from committed
+state, the executor computes it (real tokens, or none in timing mode), the cost model prices its
+shape, and a `StepDone` event at `now + cost` commits the results. Arrivals stream in lazily from
+any iterable, so a million-request workload never sits in memory.
 
 A request that can never run is rejected with a reason when it arrives; if the queue ever stalls
 with nothing running and nothing left to arrive, the remaining requests are rejected with a
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from cache.beam_search import BeamGroup
 from cache.parallel_sampling import make_samples, sample_rng
 from parallel.plan import ParallelPlan
 from sim.core.errors import ConfigError
-from sim.core.protocols import KVCacheManager, Pricer, Scheduler
+from sim.core.protocols import Pricer
 from sim.core.quantization import quant_spec
 from sim.core.request import Request, SamplingParams
 from sim.core.step import StepPlan
@@ -36,16 +36,19 @@ from sim.engine.build import (
     build_cost_model,
     build_functional,
     build_memory_plan,
-    build_scheduler,
     kv_text,
 )
 from sim.engine.compat import check_compatible
+from sim.engine.lanes import ParallelStats
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepStats
 from sim.model.zoo import resolve_model
 from sim.timing.hardware import load_profile
 from sim.timing.memory_plan import MemoryPlan
 from sim.workload.specs import RequestSpec
+
+if TYPE_CHECKING:
+    from speculative.decoding import Speculation
 
 
 class Engine:
@@ -69,7 +72,8 @@ class Engine:
                                            args.pipeline_parallel_size, args.data_parallel_size,
                                            args.enable_expert_parallel)
         self.sharded = self.plan.tp * self.plan.pp > 1  # one replica spans several GPUs
-        self.parallel_stats: Any = None  # `ParallelStats` of the last run (dp > 1 or pp > 1)
+        #: what the lanes did in the last run (None when it ran on one lane)
+        self.parallel_stats: ParallelStats | None = None
         self.cost_model: Pricer = build_cost_model(self, kv_dtype)
         self.max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
@@ -98,6 +102,7 @@ class Engine:
         self.tokenizer = None
         self.functional_description = "none (timing-only: token counts)"
         self.eos_token_ids: frozenset[int] = frozenset()
+        self.functional_model: Any = None  # the NumPy model (functional mode only)
         if args.mode == "functional":
             (self.functional_model, self.tokenizer, self.eos_token_ids,
              self.functional_description) = build_functional(self)
@@ -108,7 +113,7 @@ class Engine:
         )
         if self.quantization is not None:
             self.description += f"; quantization={self.quantization.describe()}"
-        self.speculation: Any = None
+        self.speculation: Speculation | None = None
         if args.speculative_config is not None:
             from speculative.decoding import Speculation
 
@@ -116,12 +121,6 @@ class Engine:
             self.description += f"; speculative: {self.speculation.describe()}"
 
     # ------------------------------------------------------------------ building blocks
-    def _scheduler(self, kv: KVCacheManager) -> Scheduler:
-        """The scheduler of one lane (`sim.engine.build.build_scheduler`), through a method so a
-        subclass can watch it: `benchmarks/beam_search.py` samples its running requests' block
-        tables. Tests build theirs with `build_scheduler` (`tests/utils.create_scheduler`)."""
-        return build_scheduler(self, kv)
-
     @property
     def kv_block_bytes(self) -> float:
         """Bytes of one KV block of the target model on one GPU (what a swap moves)."""
@@ -215,7 +214,7 @@ class Engine:
         `keep_requests=False` keeps only streaming metrics (flat memory for huge workloads);
         `on_finish` sees each request as it ends (e.g. a progress bar); `record_steps` keeps a
         per-step time series (`SimulationResult.steps`; with data or pipeline parallelism every
-        lane's steps, labelled by lane). The loop is `sim.engine.loop.run_engine`, one for
+        lane's steps, labelled by lane). The loop is `sim.engine.loop.EngineLoop`, one for
         every parallel layout.
         """
         return run_engine(self, requests, keep_requests, on_finish, record_steps)
@@ -229,13 +228,6 @@ class Engine:
 
         return AdmissionControl(a.admission_max_waiting, a.admission_rate_per_s,
                                 a.admission_burst, a.admission_ttft_slo_s, prefill_s)
-
-    @staticmethod
-    def _wakeup_s(scheduler: Scheduler, now_s: float) -> float | None:
-        """A future time an idle scheduler wants to look again (a batching wait expiring)."""
-        next_wakeup = getattr(scheduler, "next_wakeup_s", None)
-        wake_s = next_wakeup(now_s) if next_wakeup is not None else None
-        return wake_s if wake_s is not None and wake_s > now_s else None
 
     def _price(self, plan: StepPlan, stats: StepStats) -> float:
         shape = plan.shape

@@ -2,14 +2,22 @@
 
 A run with `dp` replicas and `pp` pipeline stages has dp x pp *lanes*, each a scheduler with its
 own KV manager (vLLM's pipeline engine gives each of its pp "virtual engines" 1/pp of the KV
-blocks); dp = pp = 1 is one lane, the plain engine. At an arrival the router
-(`parallel.data.ROUTERS`) picks a replica from the requests each one has outstanding at that
-instant, and within the replica the virtual engine with the fewest unfinished requests takes it
-(vLLM's rule). Each lane has at most one micro-batch in flight; a micro-batch occupies stage 0,
-then stage 1, ... of its replica (FIFO per stage, `StageClock`), each for
-`ParallelCostModel.stage_times_s`, with a send/recv between stages. So up to pp micro-batches of
-one replica are in flight at once, on different stages, and when fewer are ready the stages
-idle: the pipeline *bubble*, measured per stage as `1 - busy / makespan` (`ParallelStats`).
+blocks); dp = pp = 1 is one lane, the plain engine. Lanes are built from explicit arguments
+(`build_lane`: the engine's settings, the lane's index and replica, its share of the pool).
+
+Two of the loop's hooks (`sim.engine.hooks`) live here, one of each chosen when a run is built:
+
+- routing: `OneLane` (dp = pp = 1) or `ReplicaRouter`: at an arrival the router
+  (`parallel.data.ROUTERS`) picks a replica from the requests each one has outstanding at that
+  instant, and within the replica the virtual engine with the fewest unfinished requests takes
+  it (vLLM's rule);
+- pricing: `StepPricer` (pp = 1: a step holds its replica from dispatch for its priced time) or
+  `StagePricer`: each lane has at most one micro-batch in flight; a micro-batch occupies stage
+  0, then stage 1, ... of its replica (FIFO per stage, `StageClock`), each for
+  `ParallelCostModel.stage_times_s`, with a send/recv between stages. So up to pp micro-batches
+  of one replica are in flight at once, on different stages, and when fewer are ready the
+  stages idle: the pipeline *bubble*, measured per stage as `1 - busy / makespan`
+  (`ParallelStats`).
 
 The event loop itself is the engine's (`sim.engine.loop`): it drives every lane, so admission
 control, coasting (pp = 1), per-step series, `n > 1` forks and beam search work for every layout.
@@ -20,15 +28,18 @@ References: vLLM v0 `vllm/engine/llm_engine.py` (virtual engines for pipeline pa
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from parallel.data import ROUTERS, PrefixAffinityRouter
+from sim.core.events import CoastDone, Dispatch
+from sim.core.protocols import KVCacheManager, Pricer, Scheduler
+from sim.core.request import Request
 from sim.core.step import StepPlan
-from sim.engine.build import build_kv_manager
+from sim.engine.build import build_kv_manager, build_scheduler
+from sim.engine.records import StepStats
 
 if TYPE_CHECKING:
-    from cache.beam_search import BeamSearch
     from sim.engine.engine import Engine
 
 
@@ -45,6 +56,11 @@ class ParallelStats:
     router: str = ""
     router_info: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def empty(cls, num_replicas: int, num_stages: int, router: str = "") -> ParallelStats:
+        return cls(num_replicas, num_stages, [0] * num_replicas,
+                   [[0.0] * num_stages for _ in range(num_replicas)], router=router)
+
     @property
     def makespan_s(self) -> float:
         return max(0.0, self.last_done_s - self.first_dispatch_s)
@@ -59,46 +75,87 @@ class ParallelStats:
         return 1.0 - sum(busy) / (len(busy) * span)
 
 
-@dataclass
+@dataclass(eq=False)
 class Lane:
     """One scheduler + KV manager on the engine's clock (index = replica * pp + virtual engine)."""
 
     index: int
     replica: int
-    scheduler: Any
-    kv: Any
-    beams: BeamSearch | None = None  # the lane's beam-search hook (functional mode)
+    scheduler: Scheduler
+    kv: KVCacheManager
     busy: bool = False  # a micro-batch (or a coasted stretch) in flight
     pending: bool = False  # a dispatch is scheduled
     outstanding: int = 0  # unfinished requests (samples count one each)
     busy_until_s: float = 0.0  # end of the step in flight
+    # its dispatch and coast-done events (immutable, so made once)
+    dispatch: Dispatch = field(init=False)
+    coast_done: CoastDone = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dispatch = Dispatch(self.index)
+        self.coast_done = CoastDone(self.index)
 
 
-def make_lanes(engine: Engine) -> list[Lane]:
-    """dp x pp lanes, each with a 1/pp share of the KV pool (one lane: the engine's own)."""
+def build_lane(engine: Engine, index: int, replica: int, num_kv_blocks: int | None) -> Lane:
+    """Lane `index` of replica `replica`: a KV manager over `num_kv_blocks` blocks (None: the
+    engine's whole pool) and the engine's scheduler over it."""
+    kv = build_kv_manager(engine, num_kv_blocks)
+    return Lane(index, replica, build_scheduler(engine, kv), kv)
+
+
+def build_lanes(engine: Engine) -> list[Lane]:
+    """dp x pp lanes, each with a 1/pp share of the KV pool (one lane: the whole pool)."""
     dp, pp = engine.plan.dp, engine.plan.pp
-    lane_engine = engine
-    if pp > 1:  # same models; a 1/pp share of the KV pool per lane
-        lane_engine = copy.copy(engine)
-        mem = engine.memory
-        lane_engine.memory = replace(mem, num_kv_tokens=mem.num_kv_tokens // pp,
-                                     num_kv_blocks=mem.num_kv_blocks // pp)
-        for key in ("num_kv_blocks", "num_kv_tokens"):  # the engine's pool, when it keeps one
-            if hasattr(engine, key):
-                setattr(lane_engine, key, getattr(engine, key) // pp)
-    lanes: list[Lane] = []
-    for r in range(dp):
-        for _ in range(pp):
-            kv = build_kv_manager(lane_engine)
-            lanes.append(Lane(len(lanes), r, lane_engine._scheduler(kv), kv))
-    return lanes
+    # a pipeline lane's share of the pool (vLLM's virtual engines); no pool without a KV cache
+    num_kv_blocks = None if pp == 1 or engine.args.kv_cache == "none" else engine.num_kv_blocks // pp
+    return [build_lane(engine, r * pp + v, r, num_kv_blocks) for r in range(dp) for v in range(pp)]
 
 
+# ---------------------------------------------------------------------- routing
+class OneLane:
+    """dp = pp = 1: every request joins the one lane."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+
+    def route(self, request: Request) -> Lane:
+        return self.lane
+
+    def parallel_stats(self) -> ParallelStats | None:
+        return None
+
+
+class ReplicaRouter:
+    """dp x pp lanes: the data-parallel router picks the replica, then the replica's least
+    loaded virtual engine takes the request (see the module doc)."""
+
+    def __init__(self, lanes: list[Lane], num_stages: int, router: str,
+                 info: ParallelStats) -> None:
+        self.lanes, self.pp, self.info = lanes, num_stages, info
+        self.num_replicas = len(lanes) // num_stages
+        self.router = ROUTERS[router](self.num_replicas)
+
+    def route(self, request: Request) -> Lane:
+        lanes, pp = self.lanes, self.pp
+        per_replica = [sum(lanes[r * pp + v].outstanding for v in range(pp))
+                       for r in range(self.num_replicas)]
+        r = self.router.route(request, per_replica)
+        self.info.requests_per_replica[r] += 1
+        return min(lanes[r * pp:(r + 1) * pp], key=lambda x: x.outstanding)
+
+    def parallel_stats(self) -> ParallelStats:
+        if isinstance(self.router, PrefixAffinityRouter):
+            self.info.router_info = {"num_affine": self.router.num_affine,
+                                     "num_spilled": self.router.num_spilled}
+        return self.info
+
+
+# ---------------------------------------------------------------------- pricing
 class StageClock:
     """The pp stages of each replica, each a FIFO resource: when a micro-batch dispatched now
     completes, with its stages reserved and their busy time counted in `ParallelStats`."""
 
-    def __init__(self, cost_model: Any, info: ParallelStats) -> None:
+    def __init__(self, cost_model: Pricer, info: ParallelStats) -> None:
         self.cost = cost_model
         self.info = info
         self.stage_free_s = [[0.0] * info.num_stages for _ in range(info.num_replicas)]
@@ -117,3 +174,35 @@ class StageClock:
             busy[s] += times[s]
             t = start + times[s] + (send_s if s < pp - 1 else 0.0)
         return t
+
+
+class StepPricer:
+    """pp = 1: a step holds its replica from dispatch for its priced time, then its KV moves
+    (swaps, copy-on-write copies)."""
+
+    def __init__(self, engine: Engine, stats: StepStats, info: ParallelStats) -> None:
+        self.engine, self.stats, self.info = engine, stats, info
+
+    def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
+        """End time of `lane`'s step `plan` dispatched at `now_s`."""
+        step_s = self.engine._price(plan, self.stats)
+        self.info.stage_busy_s[lane.replica][0] += step_s
+        return now_s + (step_s + self.engine._swap_s(plan, self.stats))
+
+
+class StagePricer:
+    """pp > 1: a micro-batch passes its replica's stages in order (`StageClock`)."""
+
+    def __init__(self, engine: Engine, stats: StepStats, info: ParallelStats) -> None:
+        self.engine, self.stats = engine, stats
+        self.stages = StageClock(engine.cost_model, info)
+
+    def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
+        """End time of `lane`'s micro-batch `plan` dispatched at `now_s` (stages reserved)."""
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_tokens_computed += plan.num_new_tokens
+        stats.num_tokens_priced += plan.shape.total_new_tokens
+        end_s = self.stages.run(lane.replica, plan, now_s)
+        stats.busy_s += end_s - now_s
+        return end_s + self.engine._swap_s(plan, stats)

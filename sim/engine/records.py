@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sim.core.protocols import KVCacheManager
+from sim.core.protocols import KVCacheManager, Scheduler
 from sim.core.request import Request, Status
 from sim.core.step import StepPlan
 from sim.metrics.collector import MetricsCollector, RequestTimes, Summary
@@ -41,15 +41,17 @@ class SimulationResult:
     description: str
     steps: StepSeries | None = None
     speculation: dict[str, Any] | None = None  # acceptance counts (speculative decoding)
+    #: every lane's KV manager as the run left it (conservation checks: all KV freed)
+    kv_managers: tuple[KVCacheManager, ...] = ()
 
 
 def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
-                scheduler: Any, kv: KVCacheManager, lane: int = 0) -> None:
+                scheduler: Scheduler, kv: KVCacheManager, lane: int = 0) -> None:
     decode = sum(1 for s in plan.seqs if s.num_new_tokens == 1 and s.start > 0)
     computed = plan.num_new_tokens
     held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
     steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
-              len(getattr(scheduler, "waiting", ())), held, kv.num_reserved_tokens(), lane)
+              scheduler.num_waiting, held, kv.num_reserved_tokens(), lane)
 
 
 def request_times(req: Request) -> RequestTimes:

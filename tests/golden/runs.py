@@ -62,12 +62,18 @@ def _timing(workload: str = "trace", **kwargs: Any) -> dict[str, Any]:
                    "requests": requests, "speculation": result.speculation})
 
 
-def _functional(params: dict[str, Any] | None = None, beam: int = 0, **kwargs: Any) -> dict[str, Any]:
+PROMPTS: list[Any] = ["The capital of France is", "Once upon a time there", "1 2 3 4 5",
+                      "A quick brown fox jumps over the lazy dog and then"]
+#: prompts that fit a 16-token max_model_len (a tight pool's runs)
+SHORT_PROMPTS: list[Any] = [{"prompt_token_ids": ids} for ids in
+                            ([5, 9, 13, 200], [17, 3, 88, 41, 6], [7, 8, 9], [120, 33, 250, 4, 61])]
+
+
+def _functional(params: dict[str, Any] | None = None, beam: int = 0,
+                prompts: list[Any] = PROMPTS, **kwargs: Any) -> dict[str, Any]:
     from sim import LLM, SamplingParams
 
     llm = LLM(model="meta-llama/Llama-2-7b-hf", dtype="float64", seed=7, **kwargs)
-    prompts = ["The capital of France is", "Once upon a time there", "1 2 3 4 5",
-               "A quick brown fox jumps over the lazy dog and then"]
     if beam:
         from sim.model.beam_search import BeamSearchParams
 
@@ -110,8 +116,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
                                       data_parallel_router="least_outstanding"),
     "functional_paged": lambda: _functional(),
     "functional_sampled_n2": lambda: _functional({"temperature": 0.8, "n": 2, "seed": 3}),
-    "functional_tight_n2": lambda: _functional({"n": 2}, num_gpu_blocks_override=4,
-                                               block_size=4, max_model_len=16),
+    "functional_tight_n2": lambda: _functional({"n": 2, "max_tokens": 8}, prompts=SHORT_PROMPTS,
+                                               num_gpu_blocks_override=4, block_size=4,
+                                               max_model_len=16),
     "functional_int8_kv": lambda: _functional(kv_cache_dtype="int8"),
     "functional_spec_ngram": lambda: _functional(speculative_config={
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
