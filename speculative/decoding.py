@@ -56,25 +56,9 @@ class Speculation:
         # drafts verified per step: the tree's node count; draft positions observed: its depth
         self.k_max = cfg.num_speculative_tokens if self.tree is None else self.tree.num_nodes
         self.num_positions = self.k_max if self.tree is None else self.tree.depth
-        if args.scheduler != "continuous":
-            raise ConfigError("speculative decoding runs with scheduler='continuous'; "
-                              f"got {args.scheduler!r}")
-        if args.kv_cache == "none":
-            raise ConfigError("speculative decoding verifies drafts against cached KV: use "
-                              "kv_cache='paged' or 'contiguous', not 'none'")
-        plan = engine.plan
-        if plan.tp * plan.pp * plan.dp > 1:
-            raise ConfigError("speculative decoding is simulated on one GPU: use "
-                              "tensor/pipeline/data_parallel_size=1")
+        # (combinations with other settings are refused when EngineArgs is built:
+        # sim.engine.compat's speculative_config rules)
         self.functional = args.mode == "functional"
-        timing_acceptance = cfg.acceptance_rate is not None or cfg.acceptance_trace is not None
-        if self.functional and timing_acceptance:
-            raise ConfigError("acceptance_rate / acceptance_trace are for mode='timing'; in "
-                              "functional mode acceptance emerges from the real draft")
-        if not self.functional and not timing_acceptance:
-            raise ConfigError("mode='timing' has no token values to verify: give "
-                              "speculative_config 'acceptance_rate' (i.i.d. per token) or "
-                              "'acceptance_trace' (a JSON trace from speculative.acceptance)")
         self.seed = args.seed
         self.draft_shape = None
         self.draft_cost: CostModel | None = None

@@ -149,10 +149,7 @@ class EngineArgs:
                               f"{self.block_size}")
         if not (self.swap_space >= 0 and math.isfinite(self.swap_space)):
             raise ConfigError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        check_compatible(self)  # combinations of settings (sim.engine.compat), the first gate
-        if self.enable_prefix_caching and self.kv_cache != "paged":
-            raise ConfigError("enable_prefix_caching needs kv_cache='paged' (cached prefixes "
-                              "are shared block by block)")
+        check_compatible(self)  # combinations of settings: the rules of sim.engine.compat
         for name in ("max_num_seqs", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -169,9 +166,6 @@ class EngineArgs:
         if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
             raise ConfigError("long_prefill_token_threshold must be >= 0 (0: no cap) and "
                               "max_num_partial_prefills >= 1")
-        if self.enable_chunked_prefill and self.scheduler != "continuous":
-            raise ConfigError("enable_chunked_prefill needs scheduler='continuous' (chunks ride "
-                              "along with iteration-level decodes)")
         for name in ("max_wait_s", "max_queue_delay_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -195,24 +189,7 @@ class EngineArgs:
         for name in ("pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.kv_eviction is not None:
-            self._check_eviction()
-
-    def _check_eviction(self) -> None:
-        """KV eviction runs on the paged cache without block sharing (prefix caching, forks),
-        speculation or model parallelism; it combines with 8-bit KV (`kv_cache_dtype`: the two
-        compressions multiply) and with either preemption mode (a swap moves the kept blocks
-        only, and H2O's slot state stays with the sequence)."""
-        self.eviction()  # validates the policy and its sizes
-        if self.kv_cache != "paged":
-            raise ConfigError(f"kv_eviction needs kv_cache='paged', got {self.kv_cache!r}")
-        for bad, why in ((self.enable_prefix_caching, "enable_prefix_caching"),
-                         (self.speculative_config is not None, "speculative decoding"),
-                         (self.tensor_parallel_size * self.pipeline_parallel_size > 1,
-                          "model parallelism")):
-            if bad:
-                raise ConfigError(f"kv_eviction={self.kv_eviction!r} does not combine with {why}"
-                                  " (evicted positions are per sequence); turn one of them off")
+        self.eviction()  # validates the eviction policy and its sizes
 
     def eviction(self) -> KVEviction | None:
         """The `cache.kv_eviction.KVEviction` asked for, or None."""

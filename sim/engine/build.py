@@ -82,9 +82,9 @@ def build_functional(engine: Engine) -> tuple[Any, Any, frozenset[int], str]:
         from parallel.tensor import ShardedModel
         from sim.model.quantization.apply import tag_activation_quant
 
-        check_sharded_functional(engine)
         model = ShardedModel(model, engine.plan)
-        tag_activation_quant(model, getattr(engine.quantization, "act_format", None))
+        quant = engine.quantization
+        tag_activation_quant(model, None if quant is None else quant.act_format)
         description += f" sharded {engine.plan.describe()}"
     return model, tokenizer, eos, description
 
@@ -155,26 +155,6 @@ def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
                             **options)
 
 
-def check_sharded_functional(engine: Engine) -> None:
-    """Refuse, when the engine is built, what a sharded functional model (per-GPU contiguous
-    stores, `parallel.sharded_kv`) cannot run: 8-bit KV contents and shared prefix blocks.
-    (Speculative decoding and KV eviction with model parallelism are refused by
-    `speculative.decoding.Speculation` and `EngineArgs`.)"""
-    args = engine.args
-    if args.kv_cache_dtype != "auto":
-        raise ConfigError(
-            f"kv_cache_dtype={args.kv_cache_dtype!r} with a sharded functional model "
-            f"(tensor_parallel_size={engine.plan.tp}, pipeline_parallel_size={engine.plan.pp}) "
-            "is not supported (per-GPU stores are unquantized); use mode='timing' or "
-            "tensor_parallel_size = pipeline_parallel_size = 1")
-    if args.enable_prefix_caching:
-        raise ConfigError(
-            "enable_prefix_caching=True with a sharded functional model "
-            f"(tensor_parallel_size={engine.plan.tp}, pipeline_parallel_size={engine.plan.pp}) "
-            "is not supported (cached KV contents live per GPU); use mode='timing', or "
-            "tensor_parallel_size = pipeline_parallel_size = 1")
-
-
 def build_executor(engine: Engine, kv: KVCacheManager) -> Executor:
     """The one place every executor is built, for a replica whose lanes use managers like `kv`:
     timing-only (with speculation: acceptance drawn per step), or the one functional executor
@@ -192,7 +172,7 @@ def build_executor(engine: Engine, kv: KVCacheManager) -> Executor:
 
     model = engine.functional_model
     store: ExecutorStore
-    if engine.sharded:  # per-GPU contiguous stores; refusals in check_sharded_functional
+    if engine.sharded:  # per-GPU contiguous stores (what they cannot hold: sim.engine.compat)
         from parallel.sharded_kv import RankedKVStore
         from parallel.tensor import ShardedModel
 

@@ -59,7 +59,6 @@ class Engine:
     coast_enabled = True
 
     def __init__(self, args: EngineArgs) -> None:
-        check_compatible(args)
         self.args = args
         self.model_config = resolve_model(args.model)
         self.hardware = load_profile(args.hardware)
@@ -187,15 +186,8 @@ class Engine:
 
     def _beam_request(self, req: Request) -> Request:
         """A beam-search request (`cache.beam_search`): greedy, `2n` log-probabilities per
-        step, its `BeamGroup` attached."""
-        a = self.args
-        why = ("mode='timing' (beam search needs token values: use mode='functional')"
-               if a.mode != "functional" else
-               "speculative decoding" if self.speculation is not None else
-               f"scheduler={a.scheduler!r} (use 'continuous')" if a.scheduler != "continuous" else
-               "kv_eviction" if a.kv_eviction is not None else None)
-        if why is not None:
-            raise ConfigError(f"use_beam_search=True is not supported with {why}")
+        step, its `BeamGroup` attached (what it does not combine with was refused by
+        `sim.engine.compat` in `make_request`)."""
         req.sampling = dataclasses.replace(req.sampling, logprobs=2 * req.sampling.n)
         req.logprobs = None  # the search keeps cumulative log-probabilities only
         req.beam = BeamGroup(req, self.eos_token_ids, self.max_model_len)

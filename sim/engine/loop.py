@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from sim.core.errors import ConfigError
 from sim.core.events import Arrival, CoastDone, Dispatch, EventQueue, StepDone
-from sim.core.protocols import Executor
 from sim.core.request import Request, reject
 from sim.engine.build import build_executor
 from sim.engine.hooks import build_hooks
@@ -50,12 +49,6 @@ STALLED = ("stalled: nothing was running and the request still could not be sche
            "the engine's limits")
 
 
-def replica_executor(engine: Engine, lane: Lane) -> Executor:
-    """The executor of `lane`'s replica (speculation, sharding, the KV codec and eviction are
-    its options: `sim.engine.build.build_executor`)."""
-    return build_executor(engine, lane.kv)
-
-
 class EngineLoop:
     """One run of `engine`: its lanes, executors and hooks, built once, driven by the clock."""
 
@@ -65,8 +58,9 @@ class EngineLoop:
         dp, pp = engine.plan.dp, engine.plan.pp
         self.engine = engine
         self.lanes = build_lanes(engine)
-        # one executor per replica, shared by its pipeline lanes
-        self.executors = [replica_executor(engine, self.lanes[r * pp]) for r in range(dp)]
+        # one executor per replica, shared by its pipeline lanes (speculation, sharding, the KV
+        # codec and eviction are its options)
+        self.executors = [build_executor(engine, self.lanes[r * pp].kv) for r in range(dp)]
         self.stats, self.metrics, self.clock = StepStats(), MetricsCollector(), EventQueue()
         self.steps = StepSeries() if record_steps else None
         self.info = ParallelStats.empty(dp, pp, engine.args.data_parallel_router)
