@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
+from sim.core.errors import InfersimError
 from sim.core.protocols import BlockKV, ForkableKV, JoinableScheduler, KVCacheManager, ReservingKV
 from sim.core.request import Logprob, Request, Status, reject
 from sim.core.step import StepPlan, StepResult
@@ -43,6 +44,14 @@ from sim.model.beam_search import BeamSequence, best_beams, next_beams
 
 Entry = tuple[float, dict[int, Logprob]]
 
+
+
+def group_of(req: Request) -> BeamGroup:
+    """The beam group of a beam-search request (`Request.beam`, typed by its protocol)."""
+    group = req.beam
+    if not isinstance(group, BeamGroup):
+        raise InfersimError(f"request {req.request_id!r} is not a beam of a beam search")
+    return group
 
 class BeamGroup:
     """One prompt's beams: the live sequences, this round's proposals, the finished beams."""
@@ -147,7 +156,7 @@ class BeamSearch:
         if width > budget:
             return (f"beam width larger than max_num_batched_tokens: {width} beams decode in one "
                     f"step > {budget}; raise max_num_batched_tokens")
-        longest = req.max_len(req.beam.max_model_len)
+        longest = req.max_len(group_of(req).max_model_len)
         if self.forker is None and longest > budget and not self.scheduler.chunked:
             return (f"step larger than max_num_batched_tokens: without shared KV a forked beam "
                     f"recomputes up to {longest} tokens in one step > max_num_batched_tokens="
@@ -171,15 +180,17 @@ class BeamSearch:
         whose search ended."""
         for seq in plan.seqs:
             if seq.request.beam is not None:
-                self.groups[id(seq.request.beam)] = seq.request.beam
+                group = group_of(seq.request)
+                self.groups[id(group)] = group
         if not self.groups or result.token_ids is None or result.logprobs is None:
             return plan, result, []
         restarted = self.restart_preempted()
         touched: dict[int, BeamGroup] = {}
         for seq, entry in zip(plan.seqs, result.logprobs, strict=True):
-            group = seq.request.beam
-            if (group is not None and seq.samples and entry is not None
-                    and group not in restarted):
+            if seq.request.beam is None:
+                continue
+            group = group_of(seq.request)
+            if seq.samples and entry is not None and group not in restarted:
                 group.proposals[seq.request.request_id] = {
                     t: lp.logprob for t, lp in entry[1].items()}
                 touched[id(group)] = group
@@ -280,7 +291,7 @@ class BeamSearch:
         if req.status is Status.RUNNING or req.status is Status.WAITING:
             self.scheduler.remove(req)
         self.release(req)
-        if req is not req.beam.leader:
+        if req is not group_of(req).leader:
             req.status = Status.FINISHED
 
     def surface(self, reqs: Iterable[Request]) -> Iterator[Request]:
@@ -288,10 +299,10 @@ class BeamSearch:
         (aborted): others as they are; an aborted beam ends its whole search, reported once,
         rejected with the beam's reason, on the submitted request."""
         for req in reqs:
-            group = req.beam
-            if group is None:
+            if req.beam is None:
                 yield req
                 continue
+            group = group_of(req)
             if req is not group.leader:
                 self.release(req)
             if group.done:

@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # the executors import the functional model: only functional 
     from speculative.executor import AcceptanceModel, BatchProposer
 
 
+#: acceptance over a run (`Speculation.summary`): counts, rates, per-position acceptance
+SpeculationSummary = dict[str, str | int | float | list[float]]
+
+
 class Speculation:
     """The engine's speculative-decoding component (see module doc)."""
 
@@ -238,16 +242,15 @@ class Speculation:
             self.num_rejections += accepted < n_pos
             self.position_proposed[:n_pos] += 1
             self.position_accepted[:accepted] += 1
-            extra = s.request.extra
-            extra.setdefault("spec_proposed", []).append(k)
-            extra.setdefault("spec_accepted", []).append(accepted)
+            s.request.spec_proposed.append(k)
+            s.request.spec_accepted.append(accepted)
             if self.adaptive is not None:
                 self.adaptive.observe(accepted, k)
 
     def release(self, req: Request) -> None:
         self._draft_seen.pop(req.request_id, None)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SpeculationSummary:
         """Acceptance over the run: overall, per draft position, mean tokens per step."""
         per_pos = np.divide(self.position_accepted, self.position_proposed,
                             out=np.zeros(self.num_positions), where=self.position_proposed > 0)  # [k]

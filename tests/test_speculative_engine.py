@@ -176,7 +176,7 @@ def test_timing_mode_replays_an_acceptance_trace(tmp_path):
     spec = {"method": "ngram", "num_speculative_tokens": 3, "acceptance_trace": str(path)}
     res, _ = _timing(spec, n=2, output_len=40)
     assert all(r.num_output_tokens == 40 for r in res.requests)
-    acc = res.requests[0].extra["spec_accepted"]
+    acc = res.requests[0].spec_accepted
     assert acc[:6] == [3, 0, 1, 3, 0, 1]
 
 
@@ -223,5 +223,5 @@ def test_adaptive_k_follows_the_measured_acceptance():
         spec = {"method": "draft_model", "model": "JackFram/llama-68m", "adaptive": True,
                 "num_speculative_tokens": 8, "acceptance_rate": rate}
         res, _ = _timing(spec, n=1, output_len=300)
-        out[rate] = res.requests[0].extra["spec_proposed"][-20:]
+        out[rate] = res.requests[0].spec_proposed[-20:]
     assert max(out[0.1]) <= 2 and min(out[0.95]) >= 6

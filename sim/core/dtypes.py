@@ -6,7 +6,14 @@ Names follow PyTorch / vLLM spelling (`float16`, `bfloat16`, ...) with the usual
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from sim.core.errors import suggest
+
+#: K/V, activations and logits at the joints (the functional model runs in float32 or float64;
+#: 16-bit where a store keeps half-precision contents)
+FloatArray = npt.NDArray[np.float16 | np.float32 | np.float64]
 
 BYTES_PER_ELEMENT: dict[str, float] = {
     "float64": 8.0,

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-
+from sim.core.dtypes import FloatArray
 from sim.core.request import Request
 from sim.core.step import ScheduledSeq, StepKV, StepPlan, StepResult
 from sim.core.step_shape import StepCost, StepShape
@@ -212,12 +211,12 @@ class GrowthCertifier(Protocol):
 class KVStore(Protocol):
     """What the NumPy model needs from a KV store (per sequence, per layer)."""
 
-    def write(self, seq_id: Hashable, layer: int, start_pos: int, k: np.ndarray,
-              v: np.ndarray) -> None:
+    def write(self, seq_id: Hashable, layer: int, start_pos: int, k: FloatArray,
+              v: FloatArray) -> None:
         """Store `k`, `v` `[n_new, n_kv_head, d_head]` at positions `start_pos..start_pos+n_new-1`."""
         ...
 
-    def read(self, seq_id: Hashable, layer: int, end_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, seq_id: Hashable, layer: int, end_pos: int) -> tuple[FloatArray, FloatArray]:
         """Keys and values `[end_pos, n_kv_head, d_head]` of positions `0..end_pos-1`."""
         ...
 

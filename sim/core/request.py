@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
@@ -137,6 +137,21 @@ class Status(enum.Enum):
     REJECTED = "rejected"
 
 
+class BeamState(Protocol):
+    """What the scheduler reads of a beam search's group (`cache.beam_search.BeamGroup`)."""
+
+    #: a beam was preempted: the whole search restarts once the step is done
+    restart_pending: bool
+
+    def num_seats(self) -> int:
+        """Seats of `max_num_seqs` the group's leader takes until its beams fork."""
+        ...
+
+    def waits(self, request: Request) -> bool:
+        """Whether this beam already proposed this round (it waits for its siblings)."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """Engine-side state of one request.
@@ -170,14 +185,16 @@ class Request:
     reject_reason: str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # speculative decoding: drafts verified and accepted at each of the request's steps
+    spec_proposed: list[int] = field(default_factory=list)
+    spec_accepted: list[int] = field(default_factory=list)
     # parallel sampling (`SamplingParams.n > 1`): which sample this sequence is, and (on sample
     # 0 until its prompt is computed) the other samples, which then fork its prompt KV
     sample_index: int = 0
     forks: list[Request] = field(default_factory=list)
     # beam search (`use_beam_search=True`): the prompt's `cache.beam_search.BeamGroup`, on the
     # submitted request and on every beam forked from it
-    beam: Any = None
+    beam: BeamState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -196,7 +213,7 @@ class Request:
         samples (`n > 1`) or beams have not forked yet, one per sequence it will become (vLLM
         v0's `SequenceGroup.get_max_num_running_seqs`), so that they can join it later."""
         if self.beam is not None:
-            return int(self.beam.num_seats())
+            return self.beam.num_seats()
         return 1 + len(self.forks)
 
     @property

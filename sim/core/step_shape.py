@@ -16,7 +16,6 @@ Agrawal et al. 2024 (Sarathi-Serve, chunked prefill: new tokens on top of a cont
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from sim.core.errors import ConfigError
 
@@ -127,6 +126,6 @@ class StepCost:
         lines.append(f"flops {self.flops:.4g}, bytes {self.bytes:.4g}")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, float | dict[str, float] | dict[str, str]]:
         return {"total_s": self.total_s, "parts": dict(self.parts), "bound": dict(self.bound),
                 "flops": self.flops, "bytes": self.bytes}

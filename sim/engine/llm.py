@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from tqdm.auto import tqdm
 
+from cache.beam_search import group_of
 from sim.core.errors import ConfigError
 from sim.core.request import (
     CompletionOutput,
@@ -181,7 +182,7 @@ class LLM:
         times span all samples (first token of any, last token and finish of all)."""
         req = samples[0]
         ran = all(r.status is Status.FINISHED for r in samples)
-        beams = req.beam.result if req.beam is not None and ran else None
+        beams = group_of(req).result if req.beam is not None and ran else None
         last_s = max((r.token_times_s[-1] for r in samples if r.token_times_s),
                      default=req.arrival_s)
         metrics = RequestMetrics(

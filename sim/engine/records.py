@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from sim.core.protocols import KVCacheManager, Scheduler
 from sim.core.request import Request, Status
 from sim.core.step import StepPlan
 from sim.metrics.collector import MetricsCollector, RequestTimes, Summary
 from sim.metrics.step_series import StepSeries
+from speculative.decoding import SpeculationSummary
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SimulationResult:
     wall_s: float
     description: str
     steps: StepSeries | None = None
-    speculation: dict[str, Any] | None = None  # acceptance counts (speculative decoding)
+    speculation: SpeculationSummary | None = None  # acceptance counts (speculative decoding)
     #: every lane's KV manager as the run left it (conservation checks: all KV freed)
     kv_managers: tuple[KVCacheManager, ...] = ()
 

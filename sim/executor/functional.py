@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from cache.kv_eviction import EvictingModel, KVEviction
+from sim.core.dtypes import FloatArray
 from sim.core.errors import InfersimError
 from sim.core.protocols import KVStore
 from sim.core.request import Logprob, Request
@@ -77,8 +78,8 @@ class Speculator(Protocol):
         positions."""
         ...
 
-    def verify(self, seq: ScheduledSeq, draft: Draft, rows: np.ndarray,
-               store: ExecutorStore) -> tuple[tuple[int, ...], np.ndarray]:
+    def verify(self, seq: ScheduledSeq, draft: Draft, rows: FloatArray,
+               store: ExecutorStore) -> tuple[tuple[int, ...], FloatArray]:
         """The tokens emitted (accepted drafts, then the target's own) and the logit rows
         `[len(tokens), n_vocab]` they were sampled from, given the chunk's rows `rows`
         `[k + 1, n_vocab]`; the store is left holding the committed and accepted tokens' KV."""
@@ -189,7 +190,7 @@ class NumpyExecutor:
 
     @staticmethod
     def _sampled(seqs: tuple[ScheduledSeq, ...],
-                 rows: Sequence[np.ndarray | None]) -> StepResult:
+                 rows: Sequence[FloatArray | None]) -> StepResult:
         """Sample each sequence's next token from its logits row `[n_vocab]` (None: a
         mid-prompt chunk, no token) with its own random stream."""
         tokens: list[int] = []
