@@ -50,6 +50,7 @@ from sim import SamplingParams  # noqa: E402
 from sim.core.step import StepPlan  # noqa: E402
 from sim.engine.args import EngineArgs  # noqa: E402
 from sim.engine.engine import Engine  # noqa: E402
+from sim.engine.records import StepCharge  # noqa: E402
 from sim.model.reference import beam_search as reference_beam_search  # noqa: E402
 
 MODEL, HARDWARE = "meta-llama/Llama-2-7b-hf", "a100-sxm4-80gb"
@@ -68,13 +69,14 @@ class SharingProbe(Engine):
 
     block_samples: list[tuple[int, int]]  # (distinct, logical) per step
 
-    def _swap_s(self, plan: StepPlan, stats: Any) -> float:  # once per dispatched step
+    def charge(self, plan: StepPlan, busy_s: float, draft_s: float = 0.0) -> StepCharge:
+        # (once per dispatched step)
         tables = [s.kv.block_table for s in plan.seqs if s.kv is not None]
         if tables:
             distinct = {b for table in tables for b in table if b >= 0}
             logical = sum(sum(1 for b in table if b >= 0) for table in tables)
             self.block_samples.append((len(distinct), logical))
-        return super()._swap_s(plan, stats)
+        return super().charge(plan, busy_s, draft_s)
 
 
 def params(kind: str, width: int, max_tokens: int) -> SamplingParams:

@@ -31,7 +31,7 @@ from sim.core.step import NO_KV_WORK, BlockOp, ScheduledSeq, SeqKV, StepKV, Step
 from sim.engine.args import EngineArgs
 from sim.engine.build import build_executor, build_kv_manager
 from sim.engine.engine import Engine
-from sim.engine.records import StepStats
+from sim.engine.records import StepCharge, StepStats
 from sim.executor.functional import NumpyExecutor, make_kv_store
 from sim.model.numpy_model import NumpyModel
 from sim.model.paged_store import PagedKVStore
@@ -218,9 +218,9 @@ class _PlanProbe(Engine):
         super().__init__(args)
         self.priced: list[StepKV] = []
 
-    def _swap_s(self, plan: StepPlan, stats: StepStats) -> float:
+    def charge(self, plan: StepPlan, busy_s: float, draft_s: float = 0.0) -> StepCharge:
         self.priced.append(plan.kv)
-        return super()._swap_s(plan, stats)
+        return super().charge(plan, busy_s, draft_s)
 
 
 def _probe_run(mode: str, params: SamplingParams, **kw) -> tuple[_PlanProbe, StepStats]:

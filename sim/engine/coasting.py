@@ -51,6 +51,7 @@ def coast_decodes(cost_model: DecodePricer, scheduler: CoastableScheduler, now_s
     context0 = np.array([r.num_computed for r in running])  # [num_seqs]
     used0 = scheduler.kv.num_used_tokens()  # distinct KV tokens before the first coasted step
     end_times_s: list[float] = []
+    step_times_s: list[float] = []
     for k in range(horizon):
         if now_s >= next_event_s:  # an arrival at or before this dispatch joins it
             break
@@ -61,13 +62,11 @@ def coast_decodes(cost_model: DecodePricer, scheduler: CoastableScheduler, now_s
                       scheduler.coast_reserved_tokens[k], lane)
         now_s = now_s + step_s
         end_times_s.append(now_s)
-        stats.busy_s += step_s
+        step_times_s.append(step_s)
         if busy_row is not None:
             busy_row[0] += step_s
     scheduler.coast(end_times_s)
-    stats.num_steps += len(end_times_s)
-    stats.num_tokens_computed += num_seqs * len(end_times_s)
-    stats.num_tokens_priced += num_seqs * len(end_times_s)
+    stats.charge_coasted(step_times_s, num_seqs)
     return now_s
 
 

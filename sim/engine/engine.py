@@ -41,7 +41,7 @@ from sim.engine.build import (
 from sim.engine.compat import check_compatible
 from sim.engine.lanes import ParallelStats
 from sim.engine.loop import run_engine
-from sim.engine.records import SimulationResult, StepStats
+from sim.engine.records import SimulationResult, StepCharge
 from sim.model.zoo import resolve_model
 from sim.timing.hardware import load_profile
 from sim.timing.memory_plan import MemoryPlan
@@ -125,24 +125,22 @@ class Engine:
         """Bytes of one KV block of the target model on one GPU (what a swap moves)."""
         return self.memory.kv_bytes_per_token * self.args.block_size
 
-    def _swap_s(self, plan: StepPlan, stats: StepStats) -> float:
-        """Time of the KV block moves `plan` needs (`StepPlan.kv`, what its scheduler's manager
-        queued): blocks swapped out and in over the host link, and copy-on-write copies in
-        device memory (read + write)."""
+    def charge(self, plan: StepPlan, busy_s: float, draft_s: float = 0.0) -> StepCharge:
+        """The step's charge: `busy_s` of compute (`draft_s` of it the draft model's), then the
+        KV block moves `plan` needs (`StepPlan.kv`, what its scheduler's manager queued):
+        blocks swapped out and in over the host link, and copy-on-write copies in device
+        memory (read + write)."""
         work = plan.kv
         num_copied = work.num_copied_blocks
         if not (work.num_swapped_out_blocks or work.num_swapped_in_blocks or num_copied):
-            return 0.0
+            return StepCharge(busy_s, draft_s)
         hw = self.hardware
         link, eff = hw.host_link, hw.efficiency["host_link_bandwidth"]
         swap_s = (link.transfer_s(work.num_swapped_out_blocks * self.kv_block_bytes, eff)
                   + link.transfer_s(work.num_swapped_in_blocks * self.kv_block_bytes, eff))
-        stats.swap_s += swap_s
-        stats.num_copied_blocks += num_copied
         copy_s = (2 * num_copied * self.kv_block_bytes
                   / (hw.hbm_bytes_per_s * hw.efficiency["memory_bandwidth"]))
-        stats.busy_s += swap_s + copy_s
-        return swap_s + copy_s
+        return StepCharge(busy_s, draft_s, swap_s, copy_s, num_copied)
 
     def request_from_spec(self, spec: RequestSpec, index: int) -> Request:
         """A request for a workload item: greedy, `ignore_eos`, `max_tokens` = its output length
@@ -221,16 +219,14 @@ class Engine:
         return AdmissionControl(a.admission_max_waiting, a.admission_rate_per_s,
                                 a.admission_burst, a.admission_ttft_slo_s, prefill_s)
 
-    def _price(self, plan: StepPlan, stats: StepStats) -> float:
+    def price(self, plan: StepPlan) -> StepCharge:
+        """The charge of a one-stage step: the cost model's price of its shape, the draft
+        model's steps before the verification pass, then its KV moves."""
         shape = plan.shape
         step_s = self.cost_model.step_time_s(shape.num_new_tokens, shape.num_context_tokens,
                                              shape.total_logits)
+        draft_s = 0.0
         if self.speculation is not None:  # the draft model runs before the verification pass
             draft_s = self.speculation.draft_time_s(plan)
-            stats.draft_s += draft_s
             step_s += draft_s
-        stats.num_steps += 1
-        stats.busy_s += step_s
-        stats.num_tokens_computed += plan.num_new_tokens
-        stats.num_tokens_priced += shape.total_new_tokens
-        return step_s
+        return self.charge(plan, step_s, draft_s)

@@ -185,9 +185,10 @@ class StepPricer:
 
     def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
         """End time of `lane`'s step `plan` dispatched at `now_s`."""
-        step_s = self.engine._price(plan, self.stats)
-        self.info.stage_busy_s[lane.replica][0] += step_s
-        return now_s + (step_s + self.engine._swap_s(plan, self.stats))
+        charge = self.engine.price(plan)
+        self.stats.charge(plan, charge)
+        self.info.stage_busy_s[lane.replica][0] += charge.busy_s
+        return now_s + (charge.busy_s + charge.kv_move_s)
 
 
 class StagePricer:
@@ -199,10 +200,7 @@ class StagePricer:
 
     def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
         """End time of `lane`'s micro-batch `plan` dispatched at `now_s` (stages reserved)."""
-        stats = self.stats
-        stats.num_steps += 1
-        stats.num_tokens_computed += plan.num_new_tokens
-        stats.num_tokens_priced += plan.shape.total_new_tokens
         end_s = self.stages.run(lane.replica, plan, now_s)
-        stats.busy_s += end_s - now_s
-        return end_s + self.engine._swap_s(plan, stats)
+        charge = self.engine.charge(plan, end_s - now_s)
+        self.stats.charge(plan, charge)
+        return end_s + charge.kv_move_s

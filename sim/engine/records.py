@@ -30,6 +30,45 @@ class StepStats:
     draft_s: float = 0.0  # speculative draft-model steps (included in busy_s)
     num_copied_blocks: int = 0  # copy-on-write KV block copies (forked samples and beams)
 
+    # the one place the counters move: a dispatched step's charge, or a coasted stretch
+    def charge(self, plan: StepPlan, charge: StepCharge) -> None:
+        """Count one dispatched step: its compute (and draft) time, its tokens, then the KV
+        moves it needed (swaps over the host link, copy-on-write copies in device memory)."""
+        self.draft_s += charge.draft_s
+        self.num_steps += 1
+        self.busy_s += charge.busy_s
+        self.num_tokens_computed += plan.num_new_tokens
+        self.num_tokens_priced += plan.shape.total_new_tokens
+        if charge.swap_s or charge.copy_s or charge.num_copied_blocks:
+            self.swap_s += charge.swap_s
+            self.num_copied_blocks += charge.num_copied_blocks
+            self.busy_s += charge.swap_s + charge.copy_s
+
+    def charge_coasted(self, step_times_s: list[float], num_seqs: int) -> None:
+        """Count a coasted stretch: plain decodes of `num_seqs` sequences, one per step time."""
+        for step_s in step_times_s:  # (added one by one: the same sum as step by step)
+            self.busy_s += step_s
+        self.num_steps += len(step_times_s)
+        self.num_tokens_computed += num_seqs * len(step_times_s)
+        self.num_tokens_priced += num_seqs * len(step_times_s)
+
+
+@dataclass(frozen=True, slots=True)
+class StepCharge:
+    """What one dispatched step costs the replica: `busy_s` its compute (the draft model's
+    `draft_s` included; with pipeline stages, dispatch to last stage done), then the KV moves:
+    `swap_s` over the host link and `copy_s` for `num_copied_blocks` copy-on-write copies."""
+
+    busy_s: float
+    draft_s: float = 0.0
+    swap_s: float = 0.0
+    copy_s: float = 0.0
+    num_copied_blocks: int = 0
+
+    @property
+    def kv_move_s(self) -> float:
+        return self.swap_s + self.copy_s
+
 
 @dataclass
 class SimulationResult:
