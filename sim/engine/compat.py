@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sim.core.errors import ConfigError
 from sim.core.request import SamplingParams
+from speculative.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from sim.engine.args import EngineArgs
@@ -253,19 +254,24 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+ENGINE_RULES = tuple(rule for rule in RULES if not rule.request_level)
+REQUEST_RULES = tuple(rule for rule in RULES if rule.request_level)
+
+
 def refusal(args: EngineArgs, params: SamplingParams | None = None) -> Rule | None:
     """The first engine-level rule that refuses `args`; given `params`, the first
     request-level rule that refuses a request with them on an engine built from `args` (the
     engine-level rules passed when it was built)."""
-    for rule in RULES:
-        if rule.request_level == (params is not None) and rule.applies(args, params):
+    for rule in ENGINE_RULES if params is None else REQUEST_RULES:
+        if rule.applies(args, params):
             return rule
     return None
 
 
-def _show(value: Any) -> str:
-    describe = getattr(value, "describe", None)  # a SpeculativeConfig: its one-line summary
-    return f"({describe()})" if callable(describe) else repr(value)
+def _show(value: object) -> str:
+    if isinstance(value, SpeculativeConfig):  # its one-line summary
+        return f"({value.describe()})"
+    return repr(value)
 
 
 def check_compatible(args: EngineArgs, params: SamplingParams | None = None) -> None:
