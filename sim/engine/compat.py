@@ -156,8 +156,8 @@ RULES: tuple[Rule, ...] = (
          "`kv_eviction` with model parallelism (`tensor_parallel_size` or "
          "`pipeline_parallel_size` > 1)",
          "kv_eviction does not combine with model parallelism (tensor_parallel_size or "
-         "pipeline_parallel_size > 1): the per-GPU KV stores keep every position and the "
-         "parallel cost model prices the whole context; use tensor_parallel_size = "
+         "pipeline_parallel_size > 1): the sharded KV stores keep every position (no "
+         "per-GPU eviction is modelled); use tensor_parallel_size = "
          "pipeline_parallel_size = 1 or drop kv_eviction",
          lambda a, p: a.kv_eviction is not None and _sharded(a),
          {"kv_eviction": "sliding_window", "tensor_parallel_size": 2}),
