@@ -45,9 +45,11 @@ def commit_step(
     first stop. KV then exists for the committed tokens plus the accepted drafts, so
     `num_computed` moves by the accepted count (rejected drafts' KV is stale, overwritten next).
     """
-    stopped = []
     tokens = result.token_ids
     emitted = result.emitted
+    if tokens is None and emitted is None:
+        return _commit_counts(plan, now_s, retains_kv, stop)
+    stopped = []
     for i, seq in enumerate(plan.seqs):
         req = seq.request
         if not seq.samples:
@@ -69,6 +71,28 @@ def commit_step(
                 stopped.append(req)
                 break
         req.num_computed = min(end, req.num_tokens - 1) if retains_kv else 0
+    return stopped
+
+
+def _commit_counts(plan: StepPlan, now_s: float, retains_kv: bool,
+                   stop: StopCriteria) -> list[Request]:
+    """`commit_step` of a timing-only step without drafts: no token values, one new token per
+    sequence that reached its end (the same counters, times and stop rules, without the
+    per-token bookkeeping a value would need; the goldens hold the two paths equal)."""
+    stopped = []
+    for seq in plan.seqs:
+        req = seq.request
+        end = seq.start + seq.num_new_tokens
+        committed = end - seq.num_spec_tokens  # (no drafts without `emitted`: 0 in practice)
+        if committed != req.num_tokens:  # a prompt chunk: nothing sampled
+            req.num_computed = end if retains_kv else 0
+            continue
+        _append(req, -1, None, now_s)
+        reason = stop.check(req, -1)
+        if reason is not None:
+            req.finish_reason, req.stop_reason = reason
+            stopped.append(req)
+        req.num_computed = min(committed, req.num_tokens - 1) if retains_kv else 0
     return stopped
 
 
