@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--request-rate", type=float, default=None,
                    help="requests/s, Poisson (inf = all at once: the default without a trace)")
     w.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma arrivals' shape: 1 = Poisson, < 1 burstier")
+                   help="shape of the gamma inter-arrival gaps (mean 1/--request-rate, cv "
+                        "1/sqrt(burstiness)), for synthetic, shared-prefix and re-timed trace "
+                        "workloads alike: 1 = Poisson, < 1 burstier, > 1 smoother; finite and "
+                        "> 0, and needs a finite --request-rate")
     w.add_argument("--input-len", type=int, default=512, help="prompt tokens (synthetic)")
     w.add_argument("--shared-prefix-len", type=int, default=0,
                    help="synthetic: every prompt starts with one of --num-system-prompts fixed "

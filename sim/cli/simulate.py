@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -13,36 +14,65 @@ from tqdm.auto import tqdm
 from sim.cli.main import engine_args_from
 from sim.core.errors import InfersimError
 from sim.engine.engine import Engine
-from sim.workload.specs import load_azure_trace, make_workload, workload_from_trace
+from sim.workload.shared_prefix import shared_prefix_workload
+from sim.workload.specs import (
+    ArrivalProcess,
+    RequestSpec,
+    arrivals_from_rate,
+    check_burstiness,
+    load_azure_trace,
+    make_workload,
+    workload_from_trace,
+)
+
+
+def arrival_from_flags(ns: argparse.Namespace) -> ArrivalProcess | None:
+    """The arrival process `--request-rate` and `--burstiness` describe; None when a trace
+    (`--dataset-path` without `--request-rate`) replays its own timestamps.
+
+    Checked before the engine is built, so a bad value is a one-line error (exit 2) at once.
+    Every workload kind takes its arrivals from here: gamma gaps of shape `--burstiness`.
+    """
+    if ns.dataset_path and ns.request_rate is None:
+        check_burstiness(ns.burstiness, shapes_gaps=False)
+        return None
+    return arrivals_from_rate(math.inf if ns.request_rate is None else ns.request_rate,
+                              ns.burstiness)
+
+
+def build_workload(ns: argparse.Namespace, arrival: ArrivalProcess | None,
+                   vocab_size: int) -> tuple[Iterator[RequestSpec], int]:
+    """The workload the flags describe (an Azure trace, shared-prefix or plain synthetic) and
+    its number of requests. `vocab_size` bounds the shared-prefix token ids."""
+    if ns.dataset_path:
+        trace = load_azure_trace(ns.dataset_path, limit=ns.num_prompts)
+        total = ns.num_prompts or len(trace)
+        # The trace function turns the rate into arrivals itself (arrivals_from_rate, the
+        # same rule `arrival` passed), or replays the trace's timestamps without a rate.
+        return workload_from_trace(trace, num_requests=total, request_rate=ns.request_rate,
+                                   seed=ns.seed, burstiness=ns.burstiness), total
+    if arrival is None:
+        raise InfersimError("a synthetic workload needs an arrival process; see "
+                            "arrival_from_flags")
+    total = ns.num_prompts or 100
+    if ns.shared_prefix_len:
+        return shared_prefix_workload(
+            total, arrival, ns.shared_prefix_len, ns.input_len, ns.output_len,
+            vocab_size=vocab_size, num_system_prompts=ns.num_system_prompts,
+            seed=ns.seed), total
+    return make_workload(total, arrival, ns.input_len, ns.output_len, seed=ns.seed), total
 
 
 def run_simulate(ns: argparse.Namespace) -> int:
     if ns.num_prompts is not None and ns.num_prompts < 1:
         raise InfersimError(f"--num-prompts must be at least 1, got {ns.num_prompts}")
-    if ns.request_rate is not None and not ns.request_rate > 0:
-        raise InfersimError(f"--request-rate must be > 0 (or inf), got {ns.request_rate}")
     if ns.shared_prefix_len and ns.dataset_path:
         raise InfersimError("--shared-prefix-len builds a synthetic workload; drop --dataset-path")
+    arrival = arrival_from_flags(ns)
     engine = Engine(engine_args_from(ns))
-    if ns.dataset_path:
-        trace = load_azure_trace(ns.dataset_path, limit=ns.num_prompts)
-        workload = workload_from_trace(trace, num_requests=ns.num_prompts or len(trace),
-                                       request_rate=ns.request_rate, seed=ns.seed,
-                                       burstiness=ns.burstiness)
-        total = ns.num_prompts or len(trace)
-    else:
-        total = ns.num_prompts or 100
-        rate = math.inf if ns.request_rate is None else ns.request_rate
-        if ns.shared_prefix_len:
-            from sim.workload.shared_prefix import shared_prefix_workload
-
-            vocab = (engine.functional_model.config.n_vocab if ns.mode == "functional"
-                     else engine.model_config.n_vocab)
-            workload = shared_prefix_workload(
-                total, rate, ns.shared_prefix_len, ns.input_len, ns.output_len,
-                vocab_size=vocab, num_system_prompts=ns.num_system_prompts, seed=ns.seed)
-        else:
-            workload = make_workload(total, rate, ns.input_len, ns.output_len, seed=ns.seed)
+    vocab = (engine.functional_model.config.n_vocab if ns.mode == "functional"
+             else engine.model_config.n_vocab)
+    workload, total = build_workload(ns, arrival, vocab)
     bar = tqdm(total=total, desc="requests", unit="req", disable=ns.no_progress,
                file=sys.stderr, mininterval=0.5)
     try:

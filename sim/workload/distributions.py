@@ -96,11 +96,14 @@ class GammaArrivals(_GapArrivals):
     """Gamma renewal process: mean gap `1 / rate_per_s`, coefficient of variation `cv`.
 
     shape = 1 / cv^2, scale = cv^2 / rate. cv > 1 is burstier than Poisson, cv < 1 smoother,
-    cv = 1 is exactly exponential.
+    cv = 1 is exactly exponential. `from_burstiness` builds it from vLLM's shape parameter.
     """
 
     rate_per_s: float
     cv: float
+    # Derived from cv, except that `from_burstiness` keeps the shape it was given bit for bit
+    # (1 / (1 / sqrt(b))^2 can be off by an ulp, and then so would every gamma draw).
+    shape: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_rate(self.rate_per_s, "GammaArrivals")
@@ -109,10 +112,18 @@ class GammaArrivals(_GapArrivals):
                 f"GammaArrivals: cv (coefficient of variation of the gaps) must be a finite "
                 f"number > 0, got {self.cv!r}; cv = 1 is a Poisson process, cv > 1 is bursty"
             )
+        object.__setattr__(self, "shape", 1.0 / self.cv**2)
+
+    @classmethod
+    def from_burstiness(cls, rate_per_s: float, burstiness: float) -> GammaArrivals:
+        """Gaps Gamma(shape = burstiness, scale = 1 / (rate x burstiness)), as vLLM draws them."""
+        shape = check_burstiness(burstiness)
+        arrivals = cls(rate_per_s, cv=1.0 / math.sqrt(shape))
+        object.__setattr__(arrivals, "shape", shape)
+        return arrivals
 
     def gaps_s(self, num: int, rng: np.random.Generator) -> np.ndarray:
-        shape = 1.0 / self.cv**2
-        return rng.gamma(shape, 1.0 / (shape * self.rate_per_s), size=num)  # [num]
+        return rng.gamma(self.shape, 1.0 / (self.shape * self.rate_per_s), size=num)  # [num]
 
 
 @dataclass(frozen=True)
@@ -176,21 +187,56 @@ class TraceArrivals:
         return self.times[start : start + num].copy()  # [num]
 
 
-def arrivals_from_rate(rate: float, burstiness: float = 1.0) -> ArrivalProcess:
-    """vLLM benchmark_serving semantics: `rate` inf -> AllAtOnce; else gamma gaps of shape
-    `burstiness` (cv = 1 / sqrt(burstiness)); burstiness 1 is a Poisson process, < 1 burstier.
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def check_burstiness(burstiness: float, *, shapes_gaps: bool = True) -> float:
+    """`burstiness` as a float after checking it is a finite number > 0 (the gamma shape).
+
+    With `shapes_gaps=False` the arrivals it would shape do not exist (a trace replays its own
+    timestamps, or every request arrives at 0 s at rate inf): any value other than 1 is then an
+    error rather than silently ignored, so a "bursty" run is never secretly a Poisson one.
     """
-    if not (isinstance(burstiness, int | float) and math.isfinite(burstiness) and burstiness > 0):
+    if not (_is_number(burstiness) and math.isfinite(burstiness) and burstiness > 0):
         raise InfersimError(
-            f"burstiness must be a finite number > 0 (1 = Poisson, < 1 = burstier), "
-            f"got {burstiness!r}"
+            f"burstiness (--burstiness) must be a finite number > 0, got {burstiness!r}: it is "
+            "the gamma shape of the inter-arrival gaps (1 = Poisson, < 1 burstier, > 1 "
+            "smoother); pass e.g. 0.5 for bursty traffic or 1 for a Poisson process"
         )
-    if isinstance(rate, int | float) and math.isinf(rate) and rate > 0:
+    if not shapes_gaps and burstiness != 1:
+        raise InfersimError(
+            f"burstiness (--burstiness) = {burstiness!r} has no effect here: the arrivals are "
+            "not drawn from a rate (a trace's own timestamps, or request rate inf = all at "
+            "once); give a finite request rate (--request-rate) or leave burstiness at 1"
+        )
+    return float(burstiness)
+
+
+def arrivals_from_rate(rate: float, burstiness: float = 1.0) -> ArrivalProcess:
+    """The arrival process of `rate` requests/s with gamma gaps of shape `burstiness`.
+
+    This is the one place a (rate, burstiness) pair becomes arrivals, for the synthetic,
+    shared-prefix and re-timed trace workloads alike. It follows vLLM's
+    `benchmarks/benchmark_serving.py`: the gap after each request is Gamma(shape = burstiness,
+    scale = 1 / (rate x burstiness)), so the mean gap is 1 / rate and the coefficient of
+    variation is 1 / sqrt(burstiness); burstiness 1 is exactly the Poisson process (exponential
+    gaps), and rate inf sends every request at 0 s. Unlike the newer `vllm bench serve`, the
+    arrival times are not rescaled so the last one lands at num / rate: that rescale needs
+    every gap before the first arrival, which a chunked stream (and a renewal process) cannot
+    have. The rate must be > 0 or inf, the burstiness finite and > 0 (`check_burstiness`).
+    """
+    if not (_is_number(rate) and rate > 0):  # also rejects nan (every comparison is False)
+        raise InfersimError(
+            f"request rate (--request-rate) must be > 0 requests/s, or inf for all requests "
+            f"at once, got {rate!r}; pass a positive rate such as 4, or inf"
+        )
+    shape = check_burstiness(burstiness, shapes_gaps=math.isfinite(rate))
+    if math.isinf(rate):
         return AllAtOnce()
-    _check_rate(rate, "request rate")
-    if burstiness == 1.0:
+    if shape == 1.0:
         return PoissonArrivals(float(rate))
-    return GammaArrivals(float(rate), cv=1.0 / math.sqrt(burstiness))
+    return GammaArrivals.from_burstiness(float(rate), shape)
 
 
 @runtime_checkable

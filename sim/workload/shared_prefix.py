@@ -29,15 +29,29 @@ def shared_prefix_workload(
     vocab_size: int = 32000,
     num_system_prompts: int = 1,
     seed: int = 0,
+    burstiness: float = 1.0,
 ) -> Iterator[RequestSpec]:
-    """Request specs, in arrival order, whose prompts are `system prompt + user text`."""
+    """Request specs, in arrival order, whose prompts are `system prompt + user text`.
+
+    `arrival` and `burstiness` mean what they mean to `make_workload` (a rate in requests/s
+    with gamma gaps of shape `burstiness`, or an arrival process). Every argument is checked
+    here, before the first spec is drawn, so a bad one fails at the call and not mid-run.
+    """
     if system_len < 0 or num_system_prompts < 1:
         raise InfersimError(f"need system_len >= 0 and num_system_prompts >= 1, got "
                             f"{system_len} and {num_system_prompts}")
+    specs = make_workload(num_requests, arrival, user_len, output_len, seed=seed,
+                          vocab_size=vocab_size, id_prefix="prefix", burstiness=burstiness)
+    return _with_system_prompts(specs, system_len, vocab_size, num_system_prompts, seed)
+
+
+def _with_system_prompts(
+    specs: Iterator[RequestSpec], system_len: int, vocab_size: int, num_system_prompts: int,
+    seed: int,
+) -> Iterator[RequestSpec]:
     sys_rng, pick_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     systems = sys_rng.integers(0, vocab_size, size=(num_system_prompts, system_len))  # [n_sys, len]
-    for spec in make_workload(num_requests, arrival, user_len, output_len, seed=seed,
-                              vocab_size=vocab_size, id_prefix="prefix"):
+    for spec in specs:
         system = systems[int(pick_rng.integers(num_system_prompts))]  # [system_len]
         user = spec.prompt_token_ids or ()
         ids = tuple(int(t) for t in system) + tuple(user)

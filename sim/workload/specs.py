@@ -38,6 +38,7 @@ from sim.workload.distributions import (
     TraceLengths,
     UniformLength,
     arrivals_from_rate,
+    check_burstiness,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "TraceLengths",
     "UniformLength",
     "arrivals_from_rate",
+    "check_burstiness",
     "load_azure_trace",
     "make_workload",
     "workload_from_trace",
@@ -124,11 +126,18 @@ def _as_length(value: LengthDistribution | int, what: str) -> LengthDistribution
     return value
 
 
-def _as_arrival(value: ArrivalProcess | float) -> ArrivalProcess:
+def _as_arrival(value: ArrivalProcess | float, burstiness: float) -> ArrivalProcess:
+    """A rate (with its burstiness) through `arrivals_from_rate`; a process as it is."""
     if isinstance(value, bool):
         raise InfersimError(f"arrival must be an arrival process or a rate, got {value!r}")
-    if isinstance(value, int | float):
-        return arrivals_from_rate(float(value))
+    if isinstance(value, int | float | np.integer | np.floating):
+        return arrivals_from_rate(float(value), burstiness)
+    if check_burstiness(burstiness) != 1.0:
+        raise InfersimError(
+            f"burstiness ({burstiness!r}) shapes the gaps of a rate, but arrival is already an "
+            f"arrival process ({value!r}); pass the rate in requests/s with the burstiness, or "
+            "leave burstiness at 1"
+        )
     if not isinstance(value, ArrivalProcess):
         raise InfersimError(
             f"arrival must be an arrival process (PoissonArrivals, GammaArrivals, "
@@ -146,12 +155,15 @@ def make_workload(
     vocab_size: int | None = None,
     id_prefix: str = "req",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    burstiness: float = 1.0,
 ) -> Iterator[RequestSpec]:
     """A lazy, seeded stream of `num_requests` request specs, in arrival order.
 
-    `arrival` may be a rate in requests/s (inf = all at once; see `arrivals_from_rate`);
-    lengths may be plain integers (fixed). With `vocab_size`, each spec carries uniform random
-    prompt token ids in [0, vocab_size). Request ids are `f"{id_prefix}-{i}"`.
+    `arrival` may be a rate in requests/s, whose gaps are gamma with shape `burstiness` (1 =
+    Poisson; inf = all at once; see `arrivals_from_rate`), or an arrival process (then
+    `burstiness` must stay 1); lengths may be plain integers (fixed). With `vocab_size`, each
+    spec carries uniform random prompt token ids in [0, vocab_size). Request ids are
+    `f"{id_prefix}-{i}"`.
     """
     num_requests = _as_count(num_requests, "num_requests")
     if num_requests < 0:
@@ -164,7 +176,7 @@ def make_workload(
     seed = _as_count(seed, "seed")
     if seed < 0:
         raise InfersimError(f"seed must be >= 0, got {seed}")
-    process = _as_arrival(arrival)
+    process = _as_arrival(arrival, burstiness)
     if isinstance(process, TraceArrivals) and num_requests > len(process):
         raise InfersimError(
             f"num_requests ({num_requests}) exceeds the {len(process)} arrival times in the "
@@ -254,6 +266,7 @@ def workload_from_trace(
         output_lens = np.minimum(output_lens, max_output_len)  # [num_trace]
     arrival: ArrivalProcess
     if request_rate is None:
+        check_burstiness(burstiness, shapes_gaps=False)  # no rate: nothing for it to shape
         arrival = TraceArrivals(trace.arrival_s)
     else:
         arrival = arrivals_from_rate(request_rate, burstiness)
