@@ -112,7 +112,7 @@ def test_every_builtin_loads_with_sources(name: str) -> None:
         ("l40s", 362.05, 0.864, 48, 31.5),
         ("l4", 121, 0.300, 24, 31.5),
         ("rtx-4090", 165.2, 1.008, 24, 31.5),
-        ("mi300x", 1307.4, 5.3, 192, 448),
+        ("mi300x", 1307.4, 5.3, 192, 64),  # one 64 GB/s Infinity Fabric link per peer
         ("a40", 149.7, 0.696, 48, 31.5),
     ],
 )
@@ -145,11 +145,30 @@ def test_ridge_points_are_plausible() -> None:
 
 
 def test_nvlink_beats_pcie_and_host_link() -> None:
-    for name in ("a100-sxm4-80gb", "h100-sxm", "h200-sxm", "mi300x"):
+    for name in ("a100-sxm4-80gb", "h100-sxm", "h200-sxm"):
         profile = load_profile(name)
         assert profile.gpu_link.bandwidth_bytes_per_s > 5 * profile.host_link.bandwidth_bytes_per_s
     assert (load_profile("h100-sxm").gpu_link.bandwidth_bytes_per_s
             > load_profile("a100-sxm4-80gb").gpu_link.bandwidth_bytes_per_s)  # fmt: skip
+
+
+def test_mi300x_link_is_one_infinity_fabric_link_per_peer() -> None:
+    """The collectives price each step as one GPU sending to one peer; on MI300X's fully
+    connected mesh that is one of the 7 links (64 GB/s per direction), not all 7 (448)."""
+    profile = load_profile("mi300x")
+    assert profile.gpu_link.bandwidth_bytes_per_s == 64e9
+    assert 7 * profile.gpu_link.bandwidth_bytes_per_s == 448e9  # the data sheet's aggregate
+    # One peer link is about one PCIe 5.0 x16 direction, far below one GPU's NVLink 4 share.
+    nvlink_bytes_per_s = load_profile("h200-sxm").gpu_link.bandwidth_bytes_per_s
+    assert profile.gpu_link.bandwidth_bytes_per_s < nvlink_bytes_per_s / 5
+
+
+def test_h200_capacity_is_what_the_gpu_reports() -> None:
+    """NVIDIA's "141 GB" is binary: nvidia-smi on an H200 SXM reports 143771 MiB. The profile
+    must sit within 1% of that, not 7% below it as 141e9 decimal bytes would."""
+    reported_bytes = 143_771 * 2**20
+    capacity_bytes = load_profile("h200-sxm").mem_bytes
+    assert abs(capacity_bytes / reported_bytes - 1) < 0.01
 
 
 # ------------------------------------------------------------------ names, aliases, errors
