@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output-len", type=int, default=128, help="output tokens (synthetic)")
     w.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput")
     w.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput")
-    sim.add_argument("--result-json", default=None, help="write the metrics to this JSON file")
+    sim.add_argument("--result-json", default=None, help="write the metrics to this JSON file (- for stdout)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="no KV cache vs the KV-cached engine (the quick start)",

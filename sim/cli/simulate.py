@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,12 +64,34 @@ def build_workload(ns: argparse.Namespace, arrival: ArrivalProcess | None,
     return make_workload(total, arrival, ns.input_len, ns.output_len, seed=ns.seed), total
 
 
+def check_result_path(path: Path) -> None:
+    """Refuse a `--result-json` path that could not be written, before the run rather than after
+    it: a directory, a missing parent under a file, or a parent (or file) without write access.
+    Missing parent folders are fine (they are created)."""
+    where = f"--result-json {str(path)!r}"
+    if path.is_dir():
+        raise InfersimError(f"{where} is a directory; name a file in it, e.g. {path / 'result.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InfersimError(f"{where} exists and is not writable; choose another path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InfersimError(f"{where}: {str(parent)!r} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InfersimError(f"{where}: folder {str(parent)!r} is not writable; choose another "
+                            "path, or '-' for stdout")
+
+
 def run_simulate(ns: argparse.Namespace) -> int:
     if ns.num_prompts is not None and ns.num_prompts < 1:
         raise InfersimError(f"--num-prompts must be at least 1, got {ns.num_prompts}")
     if ns.shared_prefix_len and ns.dataset_path:
         raise InfersimError("--shared-prefix-len builds a synthetic workload; drop --dataset-path")
     arrival = arrival_from_flags(ns)
+    to_stdout = ns.result_json == "-"
+    if ns.result_json and not to_stdout:
+        check_result_path(Path(ns.result_json))
     engine = Engine(engine_args_from(ns))
     vocab = (engine.functional_model.config.n_vocab if ns.mode == "functional"
              else engine.model_config.n_vocab)
@@ -83,17 +106,22 @@ def run_simulate(ns: argparse.Namespace) -> int:
     slo_tpot_s = None if ns.slo_tpot_ms is None else ns.slo_tpot_ms / 1e3
     summary = result.metrics.summary(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
     stats = result.stats
-    print(result.description)
-    print(f"memory: {engine.num_kv_tokens} KV tokens ({engine.num_kv_blocks} blocks of "
-          f"{engine.args.block_size}); max_model_len={engine.max_model_len}, "
-          f"max_num_batched_tokens={engine.max_num_batched_tokens}")
-    print(summary.format_table())
+    # `--result-json -` (vLLM's convention) puts the JSON alone on stdout, so the report
+    # moves to stderr and `infersim simulate ... --result-json - | jq` reads clean JSON
+    def say(*args: object) -> None:
+        print(*args, file=sys.stderr if to_stdout else sys.stdout)
+
+    say(result.description)
+    say(f"memory: {engine.num_kv_tokens} KV tokens ({engine.num_kv_blocks} blocks of "
+        f"{engine.args.block_size}); max_model_len={engine.max_model_len}, "
+        f"max_num_batched_tokens={engine.max_num_batched_tokens}")
+    say(summary.format_table())
     if engine.args.enable_prefix_caching and summary.total_input_tokens:
-        print(f"prefix cache: {summary.total_cached_prompt_tokens / summary.total_input_tokens:.1%}"
-              " of prompt tokens hit")
-    print(f"engine steps: {stats.num_steps}, busy {stats.busy_s:.2f} s simulated; "
-          f"wall {result.wall_s:.2f} s ({total / max(result.wall_s, 1e-9):,.0f} requests/s, "
-          f"{stats.num_tokens_computed / max(result.wall_s, 1e-9):,.0f} tokens/s simulated)")
+        say(f"prefix cache: {summary.total_cached_prompt_tokens / summary.total_input_tokens:.1%}"
+            " of prompt tokens hit")
+    say(f"engine steps: {stats.num_steps}, busy {stats.busy_s:.2f} s simulated; "
+        f"wall {result.wall_s:.2f} s ({total / max(result.wall_s, 1e-9):,.0f} requests/s, "
+        f"{stats.num_tokens_computed / max(result.wall_s, 1e-9):,.0f} tokens/s simulated)")
     if ns.result_json:
         payload = summary.to_benchmark_json()
         payload.update({
@@ -102,7 +130,11 @@ def run_simulate(ns: argparse.Namespace) -> int:
             "num_steps": stats.num_steps, "wall_s": result.wall_s,
             "num_preemptions": stats.num_preemptions, "swap_s": stats.swap_s,
         })
-        Path(ns.result_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.result_json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        print(f"wrote {ns.result_json}")
+        text = json.dumps(payload, indent=2)
+        if to_stdout:
+            print(text)
+        else:
+            Path(ns.result_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(ns.result_json).write_text(text, encoding="utf-8")
+            say(f"wrote {ns.result_json}")
     return 0

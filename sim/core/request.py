@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,21 +21,76 @@ import numpy as np
 
 from sim.core.errors import ConfigError
 
+#: Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`): dividing float64 logits by a
+#: temperature near the smallest float overflows them to inf, and inf - inf draws NaN.
+SAMPLING_EPS = 1e-5
+#: The most samples one prompt may ask for (vLLM's default `VLLM_MAX_N_SEQUENCES`): every
+#: sample is a `Request` built up front, so an unbounded `n` would exhaust memory, not fail.
+MAX_N = 16384
+
+
+def _int_field(name: str, value: object, fix: str) -> int:
+    """`value` as an int, or a `ConfigError` naming the field. bool and float are refused: `True`
+    is not a count, and `max_tokens=2.5` is a mistake, not 2 (or 3) tokens."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(f"SamplingParams.{name} must be an integer, got {value!r} "
+                          f"({type(value).__name__}); {fix}")
+    return int(value)
+
+
+def _float_field(name: str, value: object, fix: str) -> float:
+    """`value` as a finite float, or a `ConfigError` naming the field (str, bool, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ConfigError(f"SamplingParams.{name} must be a number, got {value!r} "
+                          f"({type(value).__name__}); {fix}")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise ConfigError(f"SamplingParams.{name} must be finite, got {value!r}; {fix}")
+    return as_float
+
+
+def _bool_field(name: str, value: object) -> bool:
+    """`value` if it is a bool: a string such as "false" is truthy, so it is refused."""
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"SamplingParams.{name} must be True or False, got {value!r} "
+                          f"({type(value).__name__})")
+    return bool(value)
+
+
+def _token_ids_field(name: str, value: object) -> tuple[int, ...]:
+    """`value` (a sequence of non-negative ints) as a tuple, or a `ConfigError` naming the field."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+        raise ConfigError(f"SamplingParams.{name} must be a sequence of token ids (ints), got "
+                          f"{value!r} ({type(value).__name__}); e.g. {name}=[2]")
+    ids: list[int] = []
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int | np.integer) or token < 0:
+            raise ConfigError(f"SamplingParams.{name}[{i}] must be a token id (an int >= 0), "
+                              f"got {token!r}")
+        ids.append(int(token))
+    return tuple(ids)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one request (vLLM's names and defaults).
+    """How to sample one request (vLLM's names, defaults and rules).
 
-    `temperature=0` is greedy. `top_k=-1` (or 0) and `top_p=1` disable those filters. `seed` gives
-    the request its own random stream; without it the engine derives one from its seed and the
-    request's index, so outputs never depend on what else is in the batch. `n > 1` returns `n`
-    samples of one prompt that share its KV blocks (`cache.parallel_sampling`); sample `i` draws
-    from seed `seed + i` (vLLM v1), so it equals an `n=1` run with that seed.
+    `temperature=0` (or anything below `SAMPLING_EPS`, as in vLLM) is greedy. `top_k=-1` (or 0)
+    and `top_p=1` disable those filters. `seed` gives the request its own random stream; without
+    it the engine derives one from its seed and the request's index, so outputs never depend on
+    what else is in the batch. `n > 1` returns `n` samples of one prompt that share its KV blocks
+    (`cache.parallel_sampling`); sample `i` draws from seed `seed + i` (vLLM v1), so it equals an
+    `n=1` run with that seed.
 
     `use_beam_search=True` (vLLM v0's switch) keeps the `n` likeliest sequences instead
     (`cache.beam_search`): beams fork each other's KV blocks, copied only when written; it needs
     `temperature=0` and ranks finished beams by cumulative log-probability over
     `length ** length_penalty`.
+
+    Every field is checked when the object is built (vLLM's `SamplingParams._verify_args`): a
+    wrong type, NaN, inf or a value out of range is a `ConfigError` naming the field, so a bad
+    value never reaches the sampler. Unlike vLLM, temperatures above 2 are allowed (float64
+    logits divide by any finite temperature) and small ones are not raised to 1e-2.
     """
 
     n: int = 1
@@ -52,34 +108,72 @@ class SamplingParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ConfigError(f"n (parallel samples per prompt) must be an int >= 1, got {self.n!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ConfigError(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0:
-            raise ConfigError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ConfigError(f"logprobs must be >= 0 or None, got {self.logprobs}")
-        if self.use_beam_search and (self.temperature != 0 or self.top_p != 1
+        def put(name: str, value: object) -> None:  # frozen: normalise in place (np types, ints)
+            object.__setattr__(self, name, value)
+
+        n = _int_field("n", self.n, "pass the number of samples per prompt, e.g. n=2")
+        if not 1 <= n <= MAX_N:
+            raise ConfigError(f"SamplingParams.n (samples per prompt) must be in [1, {MAX_N}], "
+                              f"got {n}; use n=1 for one output per prompt")
+        put("n", n)
+        temperature = _float_field("temperature", self.temperature,
+                                   "use 0 for greedy or e.g. 0.8 to sample")
+        if temperature < 0:
+            raise ConfigError(f"SamplingParams.temperature must be >= 0, got {temperature}; "
+                              "use 0 for greedy or e.g. 0.8 to sample")
+        put("temperature", temperature)
+        top_p = _float_field("top_p", self.top_p, "use 1 to disable nucleus sampling")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"SamplingParams.top_p must be in (0, 1], got {top_p}; use 1 to "
+                              "disable nucleus sampling")
+        put("top_p", top_p)
+        top_k = _int_field("top_k", self.top_k, "use -1 (or 0) to disable top-k")
+        if top_k < -1:
+            raise ConfigError(f"SamplingParams.top_k must be -1 (disabled), 0 (disabled) or "
+                              f"positive, got {top_k}")
+        put("top_k", top_k)
+        if self.seed is not None:
+            seed = _int_field("seed", self.seed, "pass a non-negative int, or None")
+            if seed < 0:
+                raise ConfigError(f"SamplingParams.seed must be >= 0 or None, got {seed}")
+            put("seed", seed)
+        if self.max_tokens is not None:
+            max_tokens = _int_field("max_tokens", self.max_tokens,
+                                    "pass a whole number of tokens, or None for up to max_model_len")
+            if max_tokens < 1:
+                raise ConfigError(f"SamplingParams.max_tokens must be at least 1 (or None), "
+                                  f"got {max_tokens}")
+            put("max_tokens", max_tokens)
+        min_tokens = _int_field("min_tokens", self.min_tokens, "pass a whole number of tokens")
+        if min_tokens < 0:
+            raise ConfigError(f"SamplingParams.min_tokens must be >= 0, got {min_tokens}")
+        if self.max_tokens is not None and min_tokens > self.max_tokens:
+            raise ConfigError(f"SamplingParams.min_tokens ({min_tokens}) must be <= max_tokens "
+                              f"({self.max_tokens}); lower min_tokens or raise max_tokens")
+        put("min_tokens", min_tokens)
+        if self.logprobs is not None:
+            logprobs = _int_field("logprobs", self.logprobs,
+                                  "pass how many top log-probabilities to return, or None")
+            if logprobs < 0:
+                raise ConfigError(f"SamplingParams.logprobs must be >= 0 or None, got {logprobs}")
+            put("logprobs", logprobs)
+        put("stop_token_ids", _token_ids_field("stop_token_ids", self.stop_token_ids))
+        for name in ("ignore_eos", "skip_special_tokens", "use_beam_search"):
+            put(name, _bool_field(name, getattr(self, name)))
+        put("length_penalty", _float_field("length_penalty", self.length_penalty,
+                                           "use 1.0 to rank beams by mean log-probability"))
+        if self.use_beam_search and (not self.greedy or self.top_p != 1
                                      or self.top_k not in (-1, 0)):
             raise ConfigError("beam search is deterministic: use temperature=0 and no top_p / "
                               "top_k with use_beam_search=True")
         if self.use_beam_search and self.min_tokens:
             raise ConfigError("min_tokens is not supported with use_beam_search=True; use "
                               "ignore_eos=True to keep every beam going")
-        if not math.isfinite(self.length_penalty):
-            raise ConfigError(f"length_penalty must be finite, got {self.length_penalty}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether this request takes the arg-max: temperature below `SAMPLING_EPS` (vLLM)."""
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ References: vLLM `vllm/entrypoints/llm.py`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from cache.beam_search import group_of
@@ -40,6 +41,19 @@ from sim.workload.specs import RequestSpec
 PromptType = str | dict[str, Any]
 
 
+def _unique_ids(workload: Iterable[RequestSpec]) -> Iterator[RequestSpec]:
+    """`workload`, streamed, refusing a request id seen before: the KV stores, the prefix cache
+    and the per-request records are keyed by it, so a duplicate would mix two requests' state.
+    The set of ids is the one thing kept per request (a few dozen bytes each)."""
+    seen: set[str] = set()
+    for index, spec in enumerate(workload):
+        if spec.request_id in seen:
+            raise ConfigError(f"request {index}: request_id {spec.request_id!r} is used by an "
+                              "earlier request; give every request its own id")
+        seen.add(spec.request_id)
+        yield spec
+
+
 class LLM:
     """An offline inference engine whose clock is simulated (vLLM's `LLM`)."""
 
@@ -52,18 +66,69 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer or ByteTokenizer()
 
-    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.get_tokenizer().encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-            return prompt.get("prompt"), ids
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self._encode(prompt["prompt"])
-        raise ConfigError(
-            f"a prompt must be a string or a dict with 'prompt_token_ids' (or 'prompt'), got "
-            f"{type(prompt).__name__}"
-        )
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: the functional model's vocabulary (a tiny proxy's may be
+        smaller than the named model's), else the named model's."""
+        model = self.engine.functional_model
+        return int(model.config.n_vocab if model is not None else self.engine.model_config.n_vocab)
+
+    def _encode(self, prompt: object, where: str) -> tuple[str | None, list[int]]:
+        """A prompt's text and token ids, checked (`where` names it in every error): text must be
+        encodable UTF-8, ids integers in the vocabulary, and there must be at least one."""
+        text: str | None
+        if isinstance(prompt, dict):
+            unknown = sorted(str(k) for k in prompt if k not in ("prompt", "prompt_token_ids"))
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a "
+                                  "prompt dict has 'prompt' (text) and/or 'prompt_token_ids'")
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise ConfigError(f"{where}: 'prompt' must be a string, got "
+                                  f"{type(text).__name__}")
+            if "prompt_token_ids" in prompt:
+                ids = self._token_ids(prompt["prompt_token_ids"], where)
+            elif text is not None:
+                ids = self._tokenize(text, where)
+            else:
+                raise ConfigError(f"{where}: a prompt dict needs 'prompt' (text) or "
+                                  "'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            text, ids = prompt, self._tokenize(prompt, where)
+        else:
+            hint = (" (for token ids pass {'prompt_token_ids': [...]})"
+                    if isinstance(prompt, int | list | tuple) else "")
+            raise ConfigError(f"{where}: a prompt must be a string or a dict with 'prompt' or "
+                              f"'prompt_token_ids', got {type(prompt).__name__}{hint}")
+        if not ids:
+            raise ConfigError(f"{where}: the prompt has no tokens; give it at least one")
+        return text, ids
+
+    def _tokenize(self, text: str, where: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. half of a decoded emoji
+            raise ConfigError(
+                f"{where}: the text is not valid Unicode at character {exc.start} "
+                f"({text[exc.start:exc.end]!r}, a lone surrogate); decode its bytes with "
+                "errors='replace' or drop that character") from None
+        return self.get_tokenizer().encode(text)
+
+    def _token_ids(self, value: object, where: str) -> list[int]:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence | np.ndarray):
+            raise ConfigError(f"{where}: 'prompt_token_ids' must be a list of ints, got "
+                              f"{type(value).__name__}")
+        vocab = self.vocab_size
+        ids: list[int] = []
+        for i, token in enumerate(value):
+            if isinstance(token, bool) or not isinstance(token, int | np.integer):
+                raise ConfigError(f"{where}: prompt_token_ids[{i}] must be an int, got "
+                                  f"{token!r} ({type(token).__name__})")
+            if not 0 <= token < vocab:
+                raise ConfigError(f"{where}: prompt_token_ids[{i}] = {int(token)} is outside the "
+                                  f"model's vocabulary [0, {vocab}); use ids below {vocab}")
+            ids.append(int(token))
+        return ids
 
     def generate(
         self,
@@ -75,35 +140,63 @@ class LLM:
         """Run every prompt (all arriving at t = 0) and return outputs in prompt order.
 
         `priority` (one per prompt; lower runs first) matters with
-        `scheduling_policy="priority"`, as in vLLM."""
+        `scheduling_policy="priority"`, as in vLLM. Every prompt, its `SamplingParams` and its
+        priority are checked before anything runs: a bad one is a `ConfigError` that names its
+        index (`prompt 17 of 1000: ...`), and no request is made."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ConfigError(f"prompts must be a string, a prompt dict or a list of them, got "
+                              f"{type(prompts).__name__}")
         prompts = list(prompts)
+        num = len(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params_list = (
-            [sampling_params] * len(prompts)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
-        )
-        if len(params_list) != len(prompts):
+        if isinstance(sampling_params, SamplingParams):
+            params_list: list[object] = [sampling_params] * num
+        elif isinstance(sampling_params, Sequence) and not isinstance(sampling_params, str):
+            params_list = list(sampling_params)
+        else:
+            raise ConfigError(f"sampling_params must be a SamplingParams or a list of them (one "
+                              f"per prompt), got {type(sampling_params).__name__}")
+        if len(params_list) != num:
             raise ConfigError(
-                f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one, or "
+                f"got {len(params_list)} SamplingParams for {num} prompts; pass one, or "
                 "one per prompt"
             )
-        requests: list[Request] = []
-        for prompt, params in zip(prompts, params_list, strict=True):
-            text, ids = self._encode(prompt)
-            if not ids:
-                raise ConfigError("an empty prompt cannot be generated from; give it a token")
-            requests.append(self.engine.make_request(
-                str(self._counter), len(requests), len(ids), params, 0.0, ids, text))
-            self._counter += 1
+        priorities: list[int] | None = None
         if priority is not None:
-            if len(priority) != len(requests):
-                raise ConfigError(f"got {len(priority)} priorities for {len(requests)} prompts")
-            for req, value in zip(requests, priority, strict=True):
-                req.priority = int(value)
+            if isinstance(priority, str) or not isinstance(priority, Sequence):
+                raise ConfigError(f"priority must be a list of ints (one per prompt), got "
+                                  f"{type(priority).__name__}")
+            if len(priority) != num:
+                raise ConfigError(f"got {len(priority)} priorities for {num} prompts")
+            priorities = []
+            for i, value in enumerate(priority):
+                if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                    raise ConfigError(f"prompt {i} of {num}: priority must be an int (lower runs "
+                                      f"first), got {value!r} ({type(value).__name__})")
+                priorities.append(int(value))
+        encoded: list[tuple[str | None, list[int], SamplingParams]] = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+            where = f"prompt {i} of {num}"
+            if not isinstance(params, SamplingParams):
+                raise ConfigError(f"{where}: sampling_params[{i}] must be a SamplingParams, got "
+                                  f"{type(params).__name__}")
+            text, ids = self._encode(prompt, where)
+            encoded.append((text, ids, params))
+        requests: list[Request] = []
+        for i, (text, ids, params) in enumerate(encoded):
+            try:
+                req = self.engine.make_request(
+                    str(self._counter + i), i, len(ids), params, 0.0, ids, text)
+            except ConfigError as exc:  # the request-level compatibility rules
+                raise ConfigError(f"prompt {i} of {num}: {exc}") from None
+            if priorities is not None:
+                req.priority = priorities[i]
+            requests.append(req)
+        # ids advance only once every request is made, so a refused call leaves them unused
+        self._counter += num
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         try:
             result = self.engine.run(requests, on_finish=lambda _: bar.update())
@@ -153,7 +246,7 @@ class LLM:
 
     def simulate(self, workload: Iterable[RequestSpec], keep_requests: bool = False) -> SimulationResult:
         """Serve a workload (arrivals over time) and return its metrics."""
-        self.last_result = self.engine.run(workload, keep_requests=keep_requests)
+        self.last_result = self.engine.run(_unique_ids(workload), keep_requests=keep_requests)
         return self.last_result
 
     def _completion(self, req: Request) -> CompletionOutput:

@@ -26,7 +26,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def sampling_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution over the vocabulary that `sample_token` samples from (float64).
 
-    Greedy (temperature 0) is a one-hot on the first arg-max.
+    Greedy (temperature below `SAMPLING_EPS`, as in vLLM) is a one-hot on the first arg-max:
+    dividing by a near-zero temperature would overflow the logits and draw NaN.
     """
     logits = np.asarray(logits, dtype=np.float64)  # [n_vocab]
     probs = np.zeros_like(logits)  # [n_vocab]
