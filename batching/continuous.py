@@ -258,10 +258,10 @@ class ContinuousScheduler:
             self._head_blocked = False
         return stopped
 
-    def coast_horizon(self) -> int:
-        """How many upcoming steps are certain to be plain decodes of exactly the running batch
-        with no request stopping, admission or KV change (a blocked queue head stays blocked
-        while the batch only decodes; in timing-only mode only
+    def coast_horizon(self, max_steps: int) -> int:
+        """How many upcoming steps (at most `max_steps`) are certain to be plain decodes of
+        exactly the running batch with no request stopping, admission or KV change (a blocked
+        queue head stays blocked while the batch only decodes; in timing-only mode only
         `max_tokens` and `max_model_len` can stop a request). 0 when unsure.
 
         The engine uses it to run such steps without building a plan per step; the result is
@@ -271,7 +271,7 @@ class ContinuousScheduler:
             return 0
         if len(self.running) > self.max_num_batched_tokens:
             return 0
-        horizon = self.stop.max_model_len
+        horizon = min(self.stop.max_model_len, max_steps)
         for req in self.running:
             if req.num_computed != req.num_tokens - 1:
                 return 0

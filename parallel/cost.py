@@ -35,8 +35,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from parallel.collectives import Collectives
 from parallel.plan import ParallelPlan, padded_vocab, stage_layers
+from sim.core.dtypes import FloatArray, IntArray
 from sim.core.errors import ConfigError
 from sim.core.model_config import ModelConfig
 from sim.core.quantization import QuantSpec
@@ -180,6 +183,19 @@ class ParallelCostModel:
         shape = StepShape(num_new_tokens, num_context_tokens,
                           None if num_logits is None else _spread(num_logits, num_new_tokens))
         return self.step_cost(shape).total_s
+
+    def decode_stretch_s(self, context_tokens: IntArray, num_steps: int) -> FloatArray:
+        """[num_steps] times of consecutive plain-decode steps (`sim.core.protocols.Pricer`):
+        the plain path's per-GPU compute for the stretch at once, plus its communication (the
+        same every step: one token per sequence); otherwise step by step."""
+        num_seqs = len(context_tokens)
+        if self._simple:
+            comm_s = self._comm(num_seqs, num_seqs).total_s
+            return (self.base.decode_stretch_s(context_tokens, num_steps) + comm_s
+                    + self.step_overhead_s)
+        ones = (1,) * num_seqs
+        return np.array([self.step_time_s(ones, tuple((context_tokens + k).tolist()), num_seqs)
+                         for k in range(num_steps)])
 
     def roofline_bound_s(self, shape: StepShape) -> float:
         """Per-GPU roofline floor of the step (communication only adds to it)."""

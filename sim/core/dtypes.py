@@ -14,6 +14,7 @@ from sim.core.errors import suggest
 #: K/V, activations and logits at the joints (the functional model runs in float32 or float64;
 #: 16-bit where a store keeps half-precision contents)
 FloatArray = npt.NDArray[np.float16 | np.float32 | np.float64]
+IntArray = npt.NDArray[np.int64 | np.int32]
 
 BYTES_PER_ELEMENT: dict[str, float] = {
     "float64": 8.0,

@@ -58,9 +58,11 @@ class StepDone:
 
 @dataclass(frozen=True, slots=True)
 class CoastDone:
-    """The last coasted step of lane `lane` completes (its results were committed already)."""
+    """The last coasted step of lane `lane`'s stretch `generation` completes (a stretch cut
+    short by an arrival gets a new generation: the old event is stale)."""
 
     lane: int
+    generation: int = 0
     priority: ClassVar[int] = STEP_DONE
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-from sim.core.dtypes import FloatArray
+from sim.core.dtypes import FloatArray, IntArray
 from sim.core.request import Request
 from sim.core.step import ScheduledSeq, StepKV, StepPlan, StepResult
 from sim.core.step_shape import StepCost, StepShape
@@ -157,8 +157,9 @@ class CoastableScheduler(Scheduler, Protocol):
     #: KV tokens reserved after each step the last `coast_horizon` certified
     coast_reserved_tokens: list[int]
 
-    def coast_horizon(self) -> int:
-        """How many upcoming steps are certain to be plain decodes of the running batch."""
+    def coast_horizon(self, max_steps: int) -> int:
+        """How many upcoming steps (at most `max_steps`) are certain to be plain decodes of
+        the running batch."""
         ...
 
     def coast(self, step_end_times_s: list[float]) -> None:
@@ -258,6 +259,13 @@ class Pricer(Protocol):
                     num_logits: int | None = None) -> float:
         """`step_cost(StepShape(new, ctx, logits)).total_s` without the breakdown; `num_logits`
         the step's total LM-head rows (None: one per sequence)."""
+        ...
+
+    def decode_stretch_s(self, context_tokens: IntArray, num_steps: int) -> FloatArray:
+        """[num_steps] seconds of consecutive plain-decode steps of one sequence per entry of
+        `context_tokens` ([num_seqs] cached tokens before the first step; step k reads k more
+        each): entry k bit-identical to `step_time_s((1,) * num_seqs, context + k)`, in one
+        vectorised call (timing-only coasting)."""
         ...
 
     def roofline_bound_s(self, shape: StepShape) -> float:

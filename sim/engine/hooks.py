@@ -47,7 +47,7 @@ from batching.admission import AdmissionControl
 from cache.beam_search import BeamSearch
 from cache.parallel_sampling import SampleForks
 from sim.core.errors import ConfigError
-from sim.core.events import StepDone
+from sim.core.events import CoastDone, StepDone
 from sim.core.protocols import CoastableScheduler, Executor, JoinableScheduler
 from sim.core.request import Request, reject
 from sim.core.step import StepPlan
@@ -60,7 +60,7 @@ from sim.engine.lanes import (
     StagePricer,
     StepPricer,
 )
-from sim.engine.records import StepStats, record_step
+from sim.engine.records import record_step
 from sim.metrics.step_series import StepSeries
 
 if TYPE_CHECKING:
@@ -127,8 +127,19 @@ class EndHook(Protocol):
 
 
 class CoastHook(Protocol):
-    def coast(self, lane: Lane, now_s: float, next_event_s: float) -> float:
-        """`lane` is free at `now_s`: when it is free again after what the hook ran."""
+    def coast(self, lane: Lane, now_s: float, next_event_s: float) -> CoastDone | None:
+        """`lane` is free at `now_s`: the event (due at `lane.busy_until_s`) ending what the
+        hook runs now, or None."""
+        ...
+
+    def done(self, lane: Lane, event: CoastDone) -> bool:
+        """Whether `event` ends what `lane` runs (False: a stale event, ignored)."""
+        ...
+
+    def truncate(self, lane: Lane, now_s: float) -> CoastDone | None:
+        """A request arrives for `lane`: cut what it runs to the steps started before now; the
+        event ending what is left (to schedule), or None when that event stands or the lane
+        is free."""
         ...
 
 
@@ -257,7 +268,7 @@ class StepRecorder:
 
 
 # ---------------------------------------------------------------------- registration
-def build_hooks(engine: Engine, lanes: list[Lane], executors: list[Executor], stats: StepStats,
+def build_hooks(engine: Engine, lanes: list[Lane], executors: list[Executor],
                 steps: StepSeries | None, info: ParallelStats) -> Hooks:
     """The hooks of one run of `engine` on `lanes` (`executors`: one per replica); the
     capabilities they need are checked here, once."""
@@ -271,8 +282,7 @@ def build_hooks(engine: Engine, lanes: list[Lane], executors: list[Executor], st
             "one lane; use data_parallel_size=1 and pipeline_parallel_size=1")
     router: LaneRouter = (OneLane(lanes[0]) if len(lanes) == 1 else
                           ReplicaRouter(lanes, pp, args.data_parallel_router, info))
-    pricer: LanePricer = (StagePricer(engine, stats, info) if pp > 1 else
-                          StepPricer(engine, stats, info))
+    pricer: LanePricer = (StagePricer(engine, info) if pp > 1 else StepPricer(engine, info))
     hooks = Hooks(router, pricer)
     # samples share the prompt's blocks unless per-GPU stores (a sharded functional model)
     # or KV eviction (evicted positions differ per sample) keep them apart
@@ -297,5 +307,7 @@ def build_hooks(engine: Engine, lanes: list[Lane], executors: list[Executor], st
     # coasting is exact only for timing-only steps of one stage without drafts
     if (engine.coast_enabled and not functional and pp == 1 and speculation is None
             and len(coastable) == len(lanes)):
-        hooks.coast.append(Coaster(engine.cost_model, coastable, stats, steps, info))
+        # lane-local stretches, unless admission control reads a lane's state at arrival
+        local = not any(isinstance(h, Admission) for h in hooks.arrival)
+        hooks.coast.append(Coaster(engine.cost_model, coastable, steps, info, local))
     return hooks

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from parallel.data import ROUTERS, PrefixAffinityRouter
-from sim.core.events import CoastDone, Dispatch
+from sim.core.events import Dispatch
 from sim.core.protocols import KVCacheManager, Pricer, Scheduler
 from sim.core.request import Request
 from sim.core.step import StepPlan
@@ -87,13 +87,14 @@ class Lane:
     pending: bool = False  # a dispatch is scheduled
     outstanding: int = 0  # unfinished requests (samples count one each)
     busy_until_s: float = 0.0  # end of the step in flight
-    # its dispatch and coast-done events (immutable, so made once)
+    #: its steps' counters (per lane, so each sum runs in the lane's own step order whatever
+    #: the other lanes do; `StepStats.merged` adds them up in lane order)
+    stats: StepStats = field(default_factory=StepStats)
+    # its dispatch event (immutable, so made once)
     dispatch: Dispatch = field(init=False)
-    coast_done: CoastDone = field(init=False)
 
     def __post_init__(self) -> None:
         self.dispatch = Dispatch(self.index)
-        self.coast_done = CoastDone(self.index)
 
 
 def build_lane(engine: Engine, index: int, replica: int, num_kv_blocks: int | None) -> Lane:
@@ -180,13 +181,13 @@ class StepPricer:
     """pp = 1: a step holds its replica from dispatch for its priced time, then its KV moves
     (swaps, copy-on-write copies)."""
 
-    def __init__(self, engine: Engine, stats: StepStats, info: ParallelStats) -> None:
-        self.engine, self.stats, self.info = engine, stats, info
+    def __init__(self, engine: Engine, info: ParallelStats) -> None:
+        self.engine, self.info = engine, info
 
     def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
         """End time of `lane`'s step `plan` dispatched at `now_s`."""
         charge = self.engine.price(plan)
-        self.stats.charge(plan, charge)
+        lane.stats.charge(plan, charge)
         self.info.stage_busy_s[lane.replica][0] += charge.busy_s
         return now_s + (charge.busy_s + charge.kv_move_s)
 
@@ -194,13 +195,13 @@ class StepPricer:
 class StagePricer:
     """pp > 1: a micro-batch passes its replica's stages in order (`StageClock`)."""
 
-    def __init__(self, engine: Engine, stats: StepStats, info: ParallelStats) -> None:
-        self.engine, self.stats = engine, stats
+    def __init__(self, engine: Engine, info: ParallelStats) -> None:
+        self.engine = engine
         self.stages = StageClock(engine.cost_model, info)
 
     def price(self, lane: Lane, plan: StepPlan, now_s: float) -> float:
         """End time of `lane`'s micro-batch `plan` dispatched at `now_s` (stages reserved)."""
         end_s = self.stages.run(lane.replica, plan, now_s)
         charge = self.engine.charge(plan, end_s - now_s)
-        self.stats.charge(plan, charge)
+        lane.stats.charge(plan, charge)
         return end_s + charge.kv_move_s

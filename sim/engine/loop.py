@@ -13,7 +13,8 @@ the replica.
 `StepDone`, `CoastDone`); everything optional (admission control, `n > 1` forks, beam search,
 speculation's observation, coasting, the per-step series, routing and pipeline stages) is a hook
 registered when the run is built (`sim.engine.hooks`, which documents the order the hooks run
-in). Coasting stops before the next event of *any* lane, which keeps it exactly equivalent to
+in). Coasting runs each lane's certified plain decodes as one stretch, cut short only by a
+request routed to that lane (`sim.engine.coasting`), which keeps it exactly equivalent to
 step-by-step dispatch; with pp > 1 it is off. Speculative decoding is single-lane only.
 
 A request that can never run is rejected with a reason when it arrives; if a lane stalls with
@@ -61,11 +62,12 @@ class EngineLoop:
         # one executor per replica, shared by its pipeline lanes (speculation, sharding, the KV
         # codec and eviction are its options)
         self.executors = [build_executor(engine, self.lanes[r * pp].kv) for r in range(dp)]
-        self.stats, self.metrics, self.clock = StepStats(), MetricsCollector(), EventQueue()
+        self.metrics, self.clock = MetricsCollector(), EventQueue()
+        self.stats = StepStats()  # the lanes' counters together, once the run is done
         self.steps = StepSeries() if record_steps else None
         self.info = ParallelStats.empty(dp, pp, engine.args.data_parallel_router)
-        self.hooks = build_hooks(engine, self.lanes, self.executors, self.stats, self.steps,
-                                 self.info)
+        self.hooks = build_hooks(engine, self.lanes, self.executors, self.steps, self.info)
+        self.coaster = self.hooks.coast[0] if self.hooks.coast else None
         self.keep_requests, self.on_finish = keep_requests, on_finish
         self.kept: list[Request] = []
         self._source: Iterator[Request | RequestSpec] = iter(())
@@ -88,13 +90,19 @@ class EngineLoop:
                 case Arrival():
                     self._on_arrival(event.request, now_s)
                 case CoastDone():
-                    self._lane_free(lanes[event.lane], now_s)
+                    lane = lanes[event.lane]
+                    if self.coaster is not None and self.coaster.done(lane, event):
+                        self._lane_free(lane, now_s)
         return self._result(wall_start)
 
     # ------------------------------------------------------------------ handlers
     def _on_arrival(self, req: Request, now_s: float) -> None:
         lane = self.hooks.router.route(req)
         lane.outstanding += 1 + len(req.forks)  # samples count one each
+        if self.coaster is not None and lane.busy:  # the lane's coasted steps stop here
+            cut = self.coaster.truncate(lane, now_s)
+            if cut is not None:
+                self.clock.schedule(lane.busy_until_s, cut)
         reason = self._refusal(lane, req, now_s)
         if reason is not None:
             reject(req, reason)
@@ -132,11 +140,10 @@ class EngineLoop:
     def _lane_free(self, lane: Lane, now_s: float) -> None:
         """`lane`'s step (or coasted stretch) is done: coast on, or dispatch."""
         self.info.last_done_s = max(self.info.last_done_s, now_s)
-        for hook in self.hooks.coast:
-            end_s = hook.coast(lane, now_s, self.clock.peek_time_s())
-            if end_s > now_s:  # busy until the last coasted step completes
-                lane.busy_until_s = end_s
-                self.clock.schedule(end_s, lane.coast_done)
+        if self.coaster is not None:
+            done = self.coaster.coast(lane, now_s, self.clock.peek_time_s())
+            if done is not None:  # busy until the last coasted step completes
+                self.clock.schedule(lane.busy_until_s, done)
                 return
         lane.busy = False
         self._dispatch_soon(lane, now_s)
@@ -203,7 +210,10 @@ class EngineLoop:
         self.clock.schedule(req.arrival_s, Arrival(req))
 
     def _result(self, wall_start: float) -> SimulationResult:
-        engine, stats = self.engine, self.stats
+        engine = self.engine
+        self.stats = stats = StepStats.merged([lane.stats for lane in self.lanes])
+        if self.steps is not None:  # lanes record out of order: by start time, then lane
+            self.steps.rows.sort(key=lambda row: (row[0], row[-1]))
         stats.num_preemptions = sum(lane.scheduler.num_preemptions for lane in self.lanes)
         engine.parallel_stats = self.hooks.router.parallel_stats()
         speculation = engine.speculation

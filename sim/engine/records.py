@@ -44,6 +44,14 @@ class StepStats:
             self.num_copied_blocks += charge.num_copied_blocks
             self.busy_s += charge.swap_s + charge.copy_s
 
+    @classmethod
+    def merged(cls, parts: list[StepStats]) -> StepStats:
+        """The counters of several lanes together (added in the given order)."""
+        total = cls()
+        for name in cls.__dataclass_fields__:
+            setattr(total, name, sum(getattr(p, name) for p in parts))
+        return total
+
     def charge_coasted(self, step_times_s: list[float], num_seqs: int) -> None:
         """Count a coasted stretch: plain decodes of `num_seqs` sequences, one per step time."""
         for step_s in step_times_s:  # (added one by one: the same sum as step by step)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.core.dtypes import canonical_dtype, dtype_bytes
+from sim.core.dtypes import FloatArray, IntArray, canonical_dtype, dtype_bytes
 from sim.core.errors import ConfigError
 from sim.core.model_config import ModelConfig
 from sim.core.quantization import QuantSpec
@@ -47,6 +47,7 @@ from sim.timing.hardware import HardwareProfile
 from sim.timing.roofline import (
     ATTENTION,
     ELEMENTWISE,
+    F_DEC_KV,
     GEMM,
     LATENCY_UNITS,
     NUM_FEATURES,
@@ -265,12 +266,41 @@ class CostModel:
 
     def _terms(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
         """Per op: total seconds, compute seconds, memory seconds; and step FLOPs, bytes."""
-        y = self._matrix @ x  # [2 * n_op + 2]
+        # (products summed along the contiguous feature axis, not a BLAS matrix-vector
+        # product: each row's sum is then the same float whether one step is priced or a
+        # stretch of them, `decode_stretch_s`)
+        y = (self._matrix * x).sum(axis=1)  # [2 * n_op + 2]
         n = self._n_op
         compute_s, memory_s = y[:n], y[n:2 * n]  # [n_op] each
         p = ROOFLINE_P
-        times = (compute_s**p + memory_s**p) ** (1.0 / p) + self._latency @ (x > 0)  # [n_op]
+        times = ((compute_s**p + memory_s**p) ** (1.0 / p)
+                 + (self._latency * (x > 0)).sum(axis=1))  # [n_op]
         return times, compute_s, memory_s, float(y[2 * n]), float(y[2 * n + 1])
+
+    def decode_stretch_s(self, context_tokens: IntArray, num_steps: int) -> FloatArray:
+        """[num_steps] times of consecutive plain-decode steps (`sim.core.protocols.Pricer`):
+        the features of step k are those of `step_time_s((1,) * n, context + k)` (linear in k),
+        priced as a [num_steps, NUM_FEATURES] batch with the same per-row sums."""
+        num_seqs = len(context_tokens)
+        cap, window = self.kv_context_cap_tokens, self._window
+        if cap is not None or window is not None:  # capped reads: priced step by step
+            ones = (1,) * num_seqs
+            return np.array([self.step_time_s(ones, tuple((context_tokens + k).tolist()),
+                                              num_seqs) for k in range(num_steps)])
+        x = self._features((1,) * num_seqs, tuple(context_tokens.tolist()),
+                           num_seqs)  # [NUM_FEATURES] of the first step
+        xs = np.repeat(x[None, :], num_steps, axis=0)  # [num_steps, NUM_FEATURES]
+        # pure decode: one query per sequence over context + 1 keys, so step k reads k * n more
+        xs[:, F_DEC_KV] = float(int(context_tokens.sum()) + num_seqs) + np.arange(
+            num_steps) * float(num_seqs)
+        y = (self._matrix[None, :, :] * xs[:, None, :]).sum(axis=2)  # [num_steps, 2 n_op + 2]
+        n = self._n_op
+        compute_s, memory_s = y[:, :n], y[:, n:2 * n]  # [num_steps, n_op] each
+        p = ROOFLINE_P
+        latency = (self._latency[None, :, :] * (xs[:, None, :] > 0)).sum(axis=2)
+        times = (compute_s**p + memory_s**p) ** (1.0 / p) + latency  # [num_steps, n_op]
+        return times.sum(axis=1) + self.step_overhead_s
+
 
     def step_cost(self, shape: StepShape) -> StepCost:
         """Seconds, per part, that `shape` takes; see the module docstring for the model."""
