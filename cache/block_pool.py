@@ -58,6 +58,11 @@ class BlockPool:
         self.block_size = block_size
         self.ref_count = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks))  # a heap: lowest id first
+        #: hand out the lowest free id first (a NumPy block store then grows only as far as
+        #: the peak use). False when block ids are never read (timing-only runs): the free
+        #: list is then a stack, taken and returned in bulk; which ids a request holds never
+        #: changes a decision (counts, reference counts and the LRU cache are the same)
+        self.lowest_first = True
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # count 0, valid; LRU first
         self._hash_to_block: dict[bytes, int] = {}
         self._block_hash: dict[int, bytes] = {}
@@ -85,10 +90,18 @@ class BlockPool:
         if num > self.num_free_blocks():
             raise InfersimError(f"BlockPool: asked for {num} blocks, only "
                                 f"{self.num_free_blocks()} free; check num_free_blocks() first")
+        free = self._free
+        if not self.lowest_first and num <= len(free):  # the bulk path: no heap, no eviction
+            out = free[len(free) - num:]
+            del free[len(free) - num:]
+            ref_count = self.ref_count
+            for block in out:
+                ref_count[block] = 1
+            return out
         out = []
         for _ in range(num):
             if self._free:
-                block = heapq.heappop(self._free)
+                block = heapq.heappop(self._free) if self.lowest_first else self._free.pop()
             else:
                 block, _ = self._cached_free.popitem(last=False)
                 del self._hash_to_block[self._block_hash.pop(block)]
@@ -127,8 +140,10 @@ class BlockPool:
             elif count == 1:
                 if block in self._block_hash:
                     self._cached_free[block] = None
-                else:
+                elif self.lowest_first:
                     heapq.heappush(self._free, block)
+                else:
+                    self._free.append(block)
 
     def register(self, block: int, block_hash: bytes) -> bool:
         """Index a full, referenced block under its chained hash (False if the hash is already

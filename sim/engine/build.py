@@ -133,6 +133,8 @@ def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheMa
             num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
             eviction=args.eviction())
         paged.record_block_ops = args.mode == "functional"
+        # timing-only: no store reads block ids, so the pool hands them out in bulk
+        paged.pool.lowest_first = paged.record_block_ops
         return paged
     # (the engine's own token count by default: a pipeline lane's share is counted in tokens)
     num_tokens = engine.num_kv_tokens if num_blocks is None else num_blocks * args.block_size

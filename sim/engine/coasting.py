@@ -43,7 +43,7 @@ from sim.metrics.step_series import StepSeries
 
 #: the longest stretch priced at once (a longer horizon coasts on in the next stretch: the
 #: cap bounds the certification tables, never the result)
-MAX_STRETCH_STEPS = 512
+MAX_STRETCH_STEPS = 64
 
 
 class DecodePricer(Protocol):

@@ -212,6 +212,10 @@ class CostModel:
             flops * s_per_flop[:, None] + extra_s, nbytes * s_per_byte[:, None],
             flops.sum(axis=0, keepdims=True), nbytes.sum(axis=0, keepdims=True),
         ])  # [2 * n_op + 2, NUM_FEATURES]
+        # the decode-KV column apart: it is the only feature that moves along a stretch of
+        # plain decodes, so a stretch sums the other columns once (`decode_stretch_s`)
+        self._matrix_kv = self._matrix[:, F_DEC_KV].copy()  # [2 * n_op + 2]
+        self._matrix[:, F_DEC_KV] = 0.0
         self._n_op = n_op
         self._op_flops, self._op_bytes = flops / counts[:, None], nbytes / counts[:, None]
         self.kernel_launch_s = float(hw.kernel_launch_s)
@@ -266,10 +270,9 @@ class CostModel:
 
     def _terms(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
         """Per op: total seconds, compute seconds, memory seconds; and step FLOPs, bytes."""
-        # (products summed along the contiguous feature axis, not a BLAS matrix-vector
-        # product: each row's sum is then the same float whether one step is priced or a
-        # stretch of them, `decode_stretch_s`)
-        y = (self._matrix * x).sum(axis=1)  # [2 * n_op + 2]
+        # (the decode-KV column added last, apart from the row sums: `decode_stretch_s` sums
+        # the rest once for a whole stretch and gets the same floats as step by step)
+        y = (self._matrix * x).sum(axis=1) + self._matrix_kv * x[F_DEC_KV]  # [2 * n_op + 2]
         n = self._n_op
         compute_s, memory_s = y[:n], y[n:2 * n]  # [n_op] each
         p = ROOFLINE_P
@@ -280,7 +283,7 @@ class CostModel:
     def decode_stretch_s(self, context_tokens: IntArray, num_steps: int) -> FloatArray:
         """[num_steps] times of consecutive plain-decode steps (`sim.core.protocols.Pricer`):
         the features of step k are those of `step_time_s((1,) * n, context + k)` (linear in k),
-        priced as a [num_steps, NUM_FEATURES] batch with the same per-row sums."""
+        all but the decode-KV column summed once, that column added per step as `_terms` does."""
         num_seqs = len(context_tokens)
         cap, window = self.kv_context_cap_tokens, self._window
         if cap is not None or window is not None:  # capped reads: priced step by step
@@ -289,16 +292,16 @@ class CostModel:
                                               num_seqs) for k in range(num_steps)])
         x = self._features((1,) * num_seqs, tuple(context_tokens.tolist()),
                            num_seqs)  # [NUM_FEATURES] of the first step
-        xs = np.repeat(x[None, :], num_steps, axis=0)  # [num_steps, NUM_FEATURES]
         # pure decode: one query per sequence over context + 1 keys, so step k reads k * n more
-        xs[:, F_DEC_KV] = float(int(context_tokens.sum()) + num_seqs) + np.arange(
-            num_steps) * float(num_seqs)
-        y = (self._matrix[None, :, :] * xs[:, None, :]).sum(axis=2)  # [num_steps, 2 n_op + 2]
+        dec_kv = float(int(context_tokens.sum()) + num_seqs) + np.arange(
+            num_steps) * float(num_seqs)  # [num_steps] (exact integers)
+        y = ((self._matrix * x).sum(axis=1)[None, :]
+             + self._matrix_kv[None, :] * dec_kv[:, None])  # [num_steps, 2 n_op + 2]
         n = self._n_op
         compute_s, memory_s = y[:, :n], y[:, n:2 * n]  # [num_steps, n_op] each
         p = ROOFLINE_P
-        latency = (self._latency[None, :, :] * (xs[:, None, :] > 0)).sum(axis=2)
-        times = (compute_s**p + memory_s**p) ** (1.0 / p) + latency  # [num_steps, n_op]
+        latency = (self._latency * (x > 0)).sum(axis=1)  # [n_op], the same every step
+        times = (compute_s**p + memory_s**p) ** (1.0 / p) + latency[None, :]  # [num_steps, n_op]
         return times.sum(axis=1) + self.step_overhead_s
 
 
