@@ -20,6 +20,7 @@ from cache.paged import PagedKVCache
 from parallel.plan import plan_gpu_memory
 from sim.core.errors import ConfigError
 from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
+from sim.engine.args import MAX_KV_POOL_BLOCKS
 from sim.executor.timing import TimingExecutor
 from sim.timing.cost_model import CostModel
 from sim.timing.memory_plan import MemoryPlan
@@ -108,6 +109,33 @@ def kv_text(engine: Engine) -> str:
     return text
 
 
+def check_pool_size(engine: Engine, num_gpu_blocks: int, num_swap_blocks: int) -> None:
+    """Refuse, before the pool's per-block bookkeeping is allocated, a KV pool that no GPU holds
+    (more blocks than the whole device memory: `num_gpu_blocks_override` given in tokens or
+    bytes) or whose free lists would not fit this process (`MAX_KV_POOL_BLOCKS` per lane)."""
+    args = engine.args
+    block_bytes = engine.kv_block_bytes
+    pool_bytes = num_gpu_blocks * block_bytes
+    if args.num_gpu_blocks_override is not None and pool_bytes > engine.hardware.mem_bytes:
+        raise ConfigError(
+            f"num_gpu_blocks_override={args.num_gpu_blocks_override:,} blocks of "
+            f"{block_bytes / 2**20:.3g} MiB is {pool_bytes / 2**30:,.1f} GiB of KV, more than "
+            f"the {engine.hardware.mem_bytes / 2**30:,.0f} GiB of one {engine.hardware.name}; "
+            f"it counts blocks of block_size={args.block_size} tokens (the plan leaves "
+            f"{engine.memory.num_kv_blocks:,})")
+    # every lane (data-parallel replica x pipeline stage) keeps its own pool and swap space
+    num_lanes = engine.plan.dp * engine.plan.pp
+    total_blocks = num_lanes * (num_gpu_blocks + num_swap_blocks)
+    if total_blocks > MAX_KV_POOL_BLOCKS:
+        raise ConfigError(
+            f"{num_lanes} lane(s) (data_parallel_size={args.data_parallel_size} x "
+            f"pipeline_parallel_size={args.pipeline_parallel_size}) of {num_gpu_blocks:,} KV "
+            f"blocks + {num_swap_blocks:,} swap blocks (block_size={args.block_size}, "
+            f"swap_space={args.swap_space:g} GiB) are {total_blocks:,} blocks, more than the "
+            f"{MAX_KV_POOL_BLOCKS:,} this simulator tracks (~44 bytes of host memory each); "
+            "raise block_size, set num_gpu_blocks_override or lower data_parallel_size")
+
+
 def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheManager:
     """A fresh KV manager for one lane of `engine`, as `kv_cache` asks: `num_blocks` blocks of
     `block_size` tokens (default: the engine's pool, `num_gpu_blocks_override` or the memory
@@ -126,11 +154,14 @@ def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheMa
                               "no KV; drop num_blocks or choose kv_cache='paged'/'contiguous'")
         return KV_CACHES["none"]()
     if args.kv_cache == "paged":
+        num_gpu_blocks = engine.num_kv_blocks if num_blocks is None else num_blocks
+        num_swap_blocks = int(args.swap_space * 2**30 // engine.kv_block_bytes)
+        check_pool_size(engine, num_gpu_blocks, num_swap_blocks)
         paged = PagedKVCache(
-            engine.num_kv_blocks if num_blocks is None else num_blocks, args.block_size,
+            num_gpu_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
-            num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
+            num_swap_blocks=num_swap_blocks,
             eviction=args.eviction())
         paged.record_block_ops = args.mode == "functional"
         return paged
