@@ -56,8 +56,13 @@ class BlockPool:
                                 f"{num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.ref_count = [0] * num_blocks
-        self._free: list[int] = list(range(num_blocks))  # a heap: lowest id first
+        # Lazy: only blocks handed out at least once have a count and may sit in `_free`; ids
+        # from `_num_touched` up are fresh. Every id in `_free` is below them, so popping
+        # `_free` first, then the next fresh id, hands out the lowest free id as a heap of all
+        # ids would, without a per-block list of a pool given in millions of blocks.
+        self.ref_count: list[int] = []  # [num_touched] references per block
+        self._free: list[int] = []  # a heap of released ids: lowest id first
+        self._num_touched = 0
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # count 0, valid; LRU first
         self._hash_to_block: dict[bytes, int] = {}
         self._block_hash: dict[int, bytes] = {}
@@ -67,7 +72,7 @@ class BlockPool:
     # ------------------------------------------------------------------ queries
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free, or cached and evictable)."""
-        return len(self._free) + len(self._cached_free)
+        return len(self._free) + (self.num_blocks - self._num_touched) + len(self._cached_free)
 
     def num_cached_free_blocks(self) -> int:
         return len(self._cached_free)
@@ -89,6 +94,10 @@ class BlockPool:
         for _ in range(num):
             if self._free:
                 block = heapq.heappop(self._free)
+            elif self._num_touched < self.num_blocks:
+                block = self._num_touched
+                self._num_touched += 1
+                self.ref_count.append(0)
             else:
                 block, _ = self._cached_free.popitem(last=False)
                 del self._hash_to_block[self._block_hash.pop(block)]
@@ -146,6 +155,7 @@ class BlockPool:
         free = set(self._free)
         cached_free = set(self._cached_free)
         assert len(free) == len(self._free) and not free & cached_free
+        assert len(self.ref_count) == self._num_touched <= self.num_blocks
         for block, count in enumerate(self.ref_count):
             assert count >= 0
             assert (count == 0) == (block in free or block in cached_free), block

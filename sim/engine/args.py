@@ -92,9 +92,6 @@ MAX_NUM_GPUS = 4096
 MAX_TOKENS = 2**31 - 1
 #: sequences in one batch; vLLM's default is 256, and no GPU holds a million sequences' KV
 MAX_NUM_SEQS = 2**20
-#: KV pool blocks per lane: the pool keeps a Python free list and reference count per block
-#: (~44 bytes each), so 2**24 blocks are ~0.7 GiB of host memory before the run starts
-MAX_KV_POOL_BLOCKS = 2**24
 #: GiB of host swap space: a large host holds a few TiB of DRAM
 MAX_SWAP_SPACE_GIB = 4096.0
 #: seeds are fed to NumPy's SeedSequence and to per-request int64 seeds
@@ -188,8 +185,8 @@ def check_ranges(args: EngineArgs) -> None:
     _at_least(args, "max_num_seqs", 1, MAX_NUM_SEQS)
     for name in ("max_model_len", "max_num_batched_tokens"):
         _at_least(args, name, 1, MAX_TOKENS, "a token count this large is likely a typo")
-    _at_least(args, "num_gpu_blocks_override", 1, MAX_KV_POOL_BLOCKS,
-              "the pool keeps bookkeeping per block; raise block_size for a larger pool")
+    _at_least(args, "num_gpu_blocks_override", 1, MAX_TOKENS,
+              "it counts KV blocks of block_size tokens, not tokens or bytes")
     for name, high in MAX_PARALLEL_SIZE.items():
         _at_least(args, name, 1, high)
     num_gpus = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size

@@ -20,7 +20,6 @@ from cache.paged import PagedKVCache
 from parallel.plan import plan_gpu_memory
 from sim.core.errors import ConfigError
 from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
-from sim.engine.args import MAX_KV_POOL_BLOCKS
 from sim.executor.timing import TimingExecutor
 from sim.timing.cost_model import CostModel
 from sim.timing.memory_plan import MemoryPlan
@@ -109,10 +108,10 @@ def kv_text(engine: Engine) -> str:
     return text
 
 
-def check_pool_size(engine: Engine, num_gpu_blocks: int, num_swap_blocks: int) -> None:
-    """Refuse, before the pool's per-block bookkeeping is allocated, a KV pool that no GPU holds
-    (more blocks than the whole device memory: `num_gpu_blocks_override` given in tokens or
-    bytes) or whose free lists would not fit this process (`MAX_KV_POOL_BLOCKS` per lane)."""
+def check_pool_size(engine: Engine, num_gpu_blocks: int) -> None:
+    """Refuse a KV pool that no GPU holds: more blocks than the whole device memory
+    (`num_gpu_blocks_override` given in tokens or bytes, say). The pools are lazy
+    (`cache.block_pool`), so a large one that fits costs no host memory up front."""
     args = engine.args
     block_bytes = engine.kv_block_bytes
     pool_bytes = num_gpu_blocks * block_bytes
@@ -123,17 +122,6 @@ def check_pool_size(engine: Engine, num_gpu_blocks: int, num_swap_blocks: int) -
             f"the {engine.hardware.mem_bytes / 2**30:,.0f} GiB of one {engine.hardware.name}; "
             f"it counts blocks of block_size={args.block_size} tokens (the plan leaves "
             f"{engine.memory.num_kv_blocks:,})")
-    # every lane (data-parallel replica x pipeline stage) keeps its own pool and swap space
-    num_lanes = engine.plan.dp * engine.plan.pp
-    total_blocks = num_lanes * (num_gpu_blocks + num_swap_blocks)
-    if total_blocks > MAX_KV_POOL_BLOCKS:
-        raise ConfigError(
-            f"{num_lanes} lane(s) (data_parallel_size={args.data_parallel_size} x "
-            f"pipeline_parallel_size={args.pipeline_parallel_size}) of {num_gpu_blocks:,} KV "
-            f"blocks + {num_swap_blocks:,} swap blocks (block_size={args.block_size}, "
-            f"swap_space={args.swap_space:g} GiB) are {total_blocks:,} blocks, more than the "
-            f"{MAX_KV_POOL_BLOCKS:,} this simulator tracks (~44 bytes of host memory each); "
-            "raise block_size, set num_gpu_blocks_override or lower data_parallel_size")
 
 
 def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheManager:
@@ -156,7 +144,7 @@ def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheMa
     if args.kv_cache == "paged":
         num_gpu_blocks = engine.num_kv_blocks if num_blocks is None else num_blocks
         num_swap_blocks = int(args.swap_space * 2**30 // engine.kv_block_bytes)
-        check_pool_size(engine, num_gpu_blocks, num_swap_blocks)
+        check_pool_size(engine, num_gpu_blocks)
         paged = PagedKVCache(
             num_gpu_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
