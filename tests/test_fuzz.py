@@ -227,7 +227,14 @@ def cli_vectors(draw: st.DrawFn) -> list[str]:
                 "--result-json", "-", "--num-prompts", draw(_value(_ints(1, 6)))]
         if mode == "timing" and draw(st.booleans()) and CONV_TRACE.exists():
             argv += ["--dataset-path", str(CONV_TRACE)]
-        return argv + draw(flag_vector(SIMULATE_FLAGS, 4))
+        flags = draw(flag_vector(SIMULATE_FLAGS, 4))
+        count = argv[-1].strip()
+        if "--request-rate" in flags and not (count.isdigit() and len(count) <= 2):
+            # a finite rate streams any number of requests: a huge count is then a long run,
+            # not a bad input, so hostile counts are drawn with the all-at-once default only
+            i = flags.index("--request-rate")
+            del flags[i: i + 2]
+        return argv + flags
     if command == "demo":
         return ["demo", "--model", TINY, "--num-prompts", draw(_value(_ints(1, 3))),
                 "--input-len", draw(_value(_ints(1, 32))),
