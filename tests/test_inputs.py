@@ -64,7 +64,8 @@ HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
     ({"preferred_batch_sizes": [512]}, ["preferred_batch_sizes=[512]", "max_num_seqs"]),
     ({"max_wait_s": -1.0}, ["max_wait_s=-1", ">= 0"]),
     ({"admission_rate_per_s": 0.0}, ["admission_rate_per_s=0", "> 0"]),
-    ({"mode": None}, ["mode=None", "not allowed"]),
+    ({"mode": None}, ["mode=None", "is not one of"]),
+    ({"max_num_seqs": None}, ["max_num_seqs=None", "not allowed"]),
 ])
 def test_engine_args_refusals_name_field_and_value(kwargs, words):
     with pytest.raises(ConfigError) as info:

@@ -145,8 +145,8 @@ def check_types(args: EngineArgs) -> None:
     for f in dataclasses.fields(args):
         kind = _kind(f.type)
         value = getattr(args, f.name)
-        if kind is None or (value is None and kind[1]):
-            continue
+        if kind is None or (value is None and kind[1]) or f.name in CHOICES:
+            continue  # (a choice is checked by `check_choice`, which lists the choices)
         if value is None:
             raise ConfigError(f"{f.name}=None is not allowed; pass a value (default "
                               f"{f.default!r})")
