@@ -56,11 +56,16 @@ class BlockPool:
                                 f"{num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.ref_count = [0] * num_blocks
-        self._free: list[int] = list(range(num_blocks))  # a heap: lowest id first
+        # Lazy: only blocks handed out at least once have a count and may sit in `_free`; ids
+        # from `_num_touched` up are fresh. Every id in `_free` is below them, so popping
+        # `_free` first, then the next fresh id, hands out the lowest free id as a heap of all
+        # ids would, without a per-block list of a pool given in millions of blocks.
+        self.ref_count: list[int] = []  # [num_touched] references per block
+        self._free: list[int] = []  # a heap of released ids: lowest id first
+        self._num_touched = 0
         #: hand out the lowest free id first (a NumPy block store then grows only as far as
-        #: the peak use). False when block ids are never read (timing-only runs): the free
-        #: list is then a stack, taken and returned in bulk; which ids a request holds never
+        #: the peak use). False when block ids are never read (timing-only runs): released ids
+        #: then form a stack, taken and returned in bulk; which ids a request holds never
         #: changes a decision (counts, reference counts and the LRU cache are the same)
         self.lowest_first = True
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # count 0, valid; LRU first
@@ -72,7 +77,7 @@ class BlockPool:
     # ------------------------------------------------------------------ queries
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free, or cached and evictable)."""
-        return len(self._free) + len(self._cached_free)
+        return len(self._free) + (self.num_blocks - self._num_touched) + len(self._cached_free)
 
     def num_cached_free_blocks(self) -> int:
         return len(self._cached_free)
@@ -100,8 +105,12 @@ class BlockPool:
             return out
         out = []
         for _ in range(num):
-            if self._free:
-                block = heapq.heappop(self._free) if self.lowest_first else self._free.pop()
+            if free:
+                block = heapq.heappop(free) if self.lowest_first else free.pop()
+            elif self._num_touched < self.num_blocks:
+                block = self._num_touched
+                self._num_touched += 1
+                self.ref_count.append(0)
             else:
                 block, _ = self._cached_free.popitem(last=False)
                 del self._hash_to_block[self._block_hash.pop(block)]
@@ -161,6 +170,7 @@ class BlockPool:
         free = set(self._free)
         cached_free = set(self._cached_free)
         assert len(free) == len(self._free) and not free & cached_free
+        assert len(self.ref_count) == self._num_touched <= self.num_blocks
         for block, count in enumerate(self.ref_count):
             assert count >= 0
             assert (count == 0) == (block in free or block in cached_free), block

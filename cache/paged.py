@@ -304,7 +304,7 @@ class PagedKVCache:
     def check(self) -> None:
         """Invariants (tests): reference counts equal table references exactly."""
         self.pool.check()
-        refs = [0] * self.pool.num_blocks
+        refs = [0] * len(self.pool.ref_count)  # the blocks handed out so far (lazy pool)
         for table in self._tables.values():
             for block in table:
                 if block >= 0:

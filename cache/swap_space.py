@@ -25,7 +25,11 @@ class SwapSpace:
         if num_blocks < 0:
             raise InfersimError(f"num_swap_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks))  # a heap
+        # Lazy, as `cache.block_pool.BlockPool`: ids from `_num_touched` up are fresh, every
+        # id in `_free` is below them, so the lowest free id is handed out without a list of
+        # all of them
+        self._free: list[int] = []  # a heap of released ids
+        self._num_touched = 0
         self._held: dict[str, list[int]] = {}  # request_id -> host block per entry (-1: none)
         self._pending = [0, 0]  # blocks out, in since the last take_moved()
         # cumulative counters (metrics)
@@ -34,7 +38,7 @@ class SwapSpace:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_blocks - self._num_touched
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._held
@@ -47,13 +51,19 @@ class SwapSpace:
         """Host blocks for the live entries of `table` (GPU block ids, -1 released); the
         (gpu, host) moves, or None when the space is too small (nothing changes)."""
         num_live = sum(1 for b in table if b >= 0)
-        if num_live > len(self._free):
+        if num_live > self.num_free_blocks:
             return None
-        host = [heapq.heappop(self._free) if b >= 0 else -1 for b in table]
+        host = [self._take() if b >= 0 else -1 for b in table]
         self._held[request_id] = host
         self._pending[0] += num_live
         self.num_swapped_out_blocks += num_live
         return [(g, h) for g, h in zip(table, host, strict=True) if g >= 0]
+
+    def _take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._num_touched += 1
+        return self._num_touched - 1
 
     def swap_in(self, request_id: str, table: list[int]) -> list[tuple[int, int]]:
         """Release the request's host blocks onto `table` (its new GPU blocks, entry by entry,
@@ -81,4 +91,5 @@ class SwapSpace:
     def check(self) -> None:
         """Invariant (tests): every host block is free or held, exactly once."""
         held = [h for host in self._held.values() for h in host if h >= 0]
-        assert sorted(held + self._free) == list(range(self.num_blocks)), "host blocks leak"
+        assert sorted(held + self._free) == list(range(self._num_touched)), "host blocks leak"
+        assert self._num_touched <= self.num_blocks

@@ -38,6 +38,10 @@ import numpy as np
 from sim.core.errors import ConfigError
 from speculative.verify import accept_prob, draw, residual_probs
 
+#: nodes one token tree may have: every verification step builds a `[nodes, nodes]` mask and
+#: scores every node, and Medusa / EAGLE trees have ~60 nodes, SpecInfer's a few hundred
+MAX_TREE_NODES = 1024
+
 
 @dataclass(frozen=True)
 class TreeShape:
@@ -47,9 +51,23 @@ class TreeShape:
 
     def __post_init__(self) -> None:
         b = tuple(self.branching)
-        if not b or any(not isinstance(x, int) or x < 1 for x in b):
+        if not b or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in b):
             raise ConfigError(f"a token tree needs branching factors >= 1 per level, e.g. "
-                              f"[2, 2, 1], got {list(b)}")
+                              f"[2, 2, 1], got {list(b)[:16]}")
+        if len(b) > MAX_TREE_NODES:
+            raise ConfigError(f"a token tree of depth {len(b):,} has more than "
+                              f"{MAX_TREE_NODES} nodes; use a few levels, e.g. [2, 2, 1]")
+        num_nodes, level = 0, 1  # closed form in Python ints: no overflow, no allocation
+        for x in b:
+            level *= x
+            num_nodes += level
+            if num_nodes > MAX_TREE_NODES:
+                break
+        if num_nodes > MAX_TREE_NODES:
+            raise ConfigError(
+                f"the token tree {list(b)[:16]} has more than {MAX_TREE_NODES} nodes "
+                f"(its attention mask is nodes^2 booleans: {MAX_TREE_NODES} nodes are 1 MiB); "
+                "Medusa and EAGLE use about 60, e.g. [4, 3, 2, 2]")
         object.__setattr__(self, "branching", b)
 
     @property

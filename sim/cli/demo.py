@@ -9,20 +9,47 @@ from __future__ import annotations
 
 import math
 
+from sim.core.errors import ConfigError
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.engine.records import SimulationResult
 from sim.workload.specs import make_workload
+
+#: the demo is a quick start: both runs compute real tokens, and without a KV cache every step
+#: recomputes the whole sequence (quadratic work), so its sizes are bounded; `infersim simulate`
+#: takes any size
+DEMO_MAX_PROMPTS = 256
+DEMO_MAX_SEQ_TOKENS = 4096
+
+
+def check_demo_sizes(num_prompts: object, input_len: object, output_len: object,
+                     max_model_len: int) -> None:
+    """Refuse, before any token is drawn, demo sizes that are not integers in range or whose
+    sequences the model cannot hold (`max_model_len`), naming the flag and the bound."""
+    for flag, value, high in (("--num-prompts", num_prompts, DEMO_MAX_PROMPTS),
+                              ("--input-len", input_len, DEMO_MAX_SEQ_TOKENS),
+                              ("--output-len", output_len, DEMO_MAX_SEQ_TOKENS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ConfigError(f"demo {flag} {value!r} must be an integer in 1..{high}; for "
+                              "larger runs use `infersim simulate --mode timing`")
+    assert isinstance(input_len, int) and isinstance(output_len, int)  # checked above
+    limit = min(max_model_len, DEMO_MAX_SEQ_TOKENS)
+    if input_len + output_len > limit:
+        raise ConfigError(
+            f"demo --input-len {input_len} + --output-len {output_len} = "
+            f"{input_len + output_len} tokens is more than the demo's {limit} (the model's "
+            f"max_model_len is {max_model_len}); shorten them, or use `infersim simulate`")
 
 
 def compare_kv_cache(
     model: str, hardware: str, num_prompts: int, input_len: int, output_len: int, seed: int = 0
 ) -> dict[str, SimulationResult]:
     """Run one workload (all requests at t = 0) with `kv_cache="none"` and the default paged
-    KV cache."""
+    KV cache (sizes checked first: `check_demo_sizes`)."""
     results = {}
     for kv_cache in ("none", "paged"):
         engine = Engine(EngineArgs(model=model, hardware=hardware, kv_cache=kv_cache, seed=seed))
+        check_demo_sizes(num_prompts, input_len, output_len, engine.max_model_len)
         workload = make_workload(num_prompts, math.inf, input_len, output_len, seed=seed)
         results[kv_cache] = engine.run(workload)
     return results

@@ -230,9 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return COMMANDS[ns.command](ns)
-    except InfersimError as exc:
-        print(f"infersim: error: {exc}", file=sys.stderr)
+    except InfersimError as exc:  # bad input: one line naming it, exit 2 (argparse's code)
+        message = " ".join(str(exc).split())  # one line, even for a message with newlines
+        print(f"infersim: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`infersim models | head`): not an error
+        # of the input; point stdout at /dev/null so the interpreter's final flush is quiet
+        # (the Python docs' recipe for SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,33 @@ from sim.core.errors import ConfigError
 # model_type -> family traits that transformers hard-codes in the modeling file (not in config.json)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "opt")
+
+
+#: plausibility bounds of a shape: the largest released models have ~130 layers, hidden sizes
+#: of ~25k, 128 heads, vocabularies of ~260k and contexts of ~10M tokens, so a value past these
+#: (by one or more orders of magnitude) is a unit or typing mistake, refused by name before any
+#: size derived from it is computed
+SHAPE_BOUNDS: dict[str, tuple[int, str]] = {
+    "n_layer": (4096, "num_hidden_layers"),
+    "n_embd": (2**20, "hidden_size"),
+    "n_head": (2**16, "num_attention_heads"),
+    "n_kv_head": (2**16, "num_key_value_heads"),
+    "d_head": (2**16, "head_dim"),
+    "n_vocab": (2**24, "vocab_size"),
+    "max_position_embeddings": (2**31 - 1, "max_position_embeddings"),
+    "n_inner": (2**22, "intermediate_size"),
+    "moe_n_inner": (2**22, "moe_intermediate_size"),
+    "shared_expert_n_inner": (2**22, "shared_expert_intermediate_size"),
+    "n_expert": (2**16, "num_local_experts / num_experts"),
+    "n_expert_per_tok": (2**16, "num_experts_per_tok"),
+    "decoder_sparse_step": (4096, "decoder_sparse_step"),
+}
+#: more parameters than this (1e14: 100x the largest dense models) is a shape mistake
+MAX_NUM_PARAMS = 10**14
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -82,17 +110,47 @@ class ModelConfig:
         for key in ("n_layer", "n_embd", "n_head", "n_kv_head", "d_head", "n_vocab",
                     "max_position_embeddings"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"{where}: {key} ({SHAPE_BOUNDS[key][1]}) must be a positive "
+                                  f"integer, got {value!r}")
+        for key in ("n_inner", "n_expert", "n_expert_per_tok", "moe_n_inner",
+                    "shared_expert_n_inner", "decoder_sparse_step"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"{where}: {key} ({SHAPE_BOUNDS[key][1]}) must be an integer "
+                                  f">= 0, got {value!r}")
+        for key, (high, hf_name) in SHAPE_BOUNDS.items():
+            value = getattr(self, key)
+            if value > high:
+                raise ConfigError(
+                    f"{where}: {hf_name} = {value:,} is past any real model (at most {high:,} "
+                    "here); check for a typo or a value in the wrong field")
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"{where}: decoder_sparse_step must be >= 1, got "
+                              f"{self.decoder_sparse_step}")
         if self.n_head % self.n_kv_head:
             raise ConfigError(
                 f"{where}: n_head ({self.n_head}) must be a multiple of n_kv_head "
                 f"({self.n_kv_head}) for grouped-query attention"
             )
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError(f"{where}: rms_norm_eps and rope_theta must be positive")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"{where}: sliding_window must be positive or null")
+        if self.model_type in LLAMA_LIKE and self.d_head % 2:
+            raise ConfigError(f"{where}: head_dim = {self.d_head} must be even: RoPE rotates "
+                              "pairs of dimensions (Su et al. 2021)")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{where}: {key} must be a finite number > 0, got {value!r}")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window)
+                                                or self.sliding_window <= 0):
+            raise ConfigError(f"{where}: sliding_window must be a positive integer or null, "
+                              f"got {self.sliding_window!r}")
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None
+                           else (self.bos_token_id,)), ("eos_token_id", self.eos_token_ids)):
+            bad = [t for t in ids if not _is_int(t) or not 0 <= t < self.n_vocab]
+            if bad:
+                raise ConfigError(f"{where}: {name} {bad[0]!r} must be a token id in "
+                                  f"0..{self.n_vocab - 1} (vocab_size)")
         if self.n_expert:
             if not 0 < self.n_expert_per_tok <= self.n_expert:
                 raise ConfigError(
@@ -103,6 +161,15 @@ class ModelConfig:
                 raise ConfigError(f"{where}: an MoE model needs a positive moe_n_inner")
         elif self.n_inner <= 0:
             raise ConfigError(f"{where}: n_inner must be positive for a dense model")
+        if any(not _is_int(i) for i in self.mlp_only_layers):
+            raise ConfigError(f"{where}: mlp_only_layers must be layer indices, got "
+                              f"{list(self.mlp_only_layers)[:8]}")
+        num_params = self.num_params()  # closed form: instant at any layer count
+        if num_params > MAX_NUM_PARAMS:
+            raise ConfigError(
+                f"{where}: {num_params:.3g} parameters is more than {MAX_NUM_PARAMS:.0e} (100x "
+                "the largest models); check num_hidden_layers, hidden_size, intermediate_size "
+                "and vocab_size for a typo")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
 
     # ------------------------------------------------------------------ shape facts
@@ -130,7 +197,13 @@ class ModelConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
+        """Layers with routed experts, in closed form: every `decoder_sparse_step`-th layer
+        less the `mlp_only_layers` among them (no loop over the layers)."""
+        if not self.is_moe:
+            return 0
+        step = self.decoder_sparse_step
+        dense = {i for i in self.mlp_only_layers if 0 <= i < self.n_layer and (i + 1) % step == 0}
+        return self.n_layer // step - len(dense)
 
     # ------------------------------------------------------------------ parameter counts
     def attn_params_per_layer(self) -> int:
@@ -159,11 +232,10 @@ class ModelConfig:
         """Parameter count; `active_only` counts only the experts one token uses (MoE)."""
         per_layer_common = self.attn_params_per_layer() + 2 * self.norm_params()
         total = self.n_layer * per_layer_common
-        for layer in range(self.n_layer):
-            if self.is_moe_layer(layer):
-                total += self.moe_params_per_layer(active_only)
-            else:
-                total += self.dense_mlp_params(self.n_inner)
+        n_moe = self.num_moe_layers  # closed form, as the sum over layers it replaces
+        if n_moe:
+            total += n_moe * self.moe_params_per_layer(active_only)
+        total += (self.n_layer - n_moe) * self.dense_mlp_params(self.n_inner)
         total += self.n_vocab * self.n_embd  # token embedding
         if self.learned_pos_embd:
             total += (self.max_position_embeddings + 2) * self.n_embd  # OPT's offset of 2
@@ -217,6 +289,27 @@ def _require(cfg: dict[str, Any], key: str, kind: type = int) -> Any:
     return value
 
 
+def _optional(cfg: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """`cfg[key]` checked to be of `kind` (int: no bools, floats or strings; float: any real
+    number; bool), or `default` when absent or null."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config.json field {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config.json field {key!r} must be a number, got {value!r}")
+    if kind is int:
+        if not isinstance(value, int):
+            raise ConfigError(f"config.json field {key!r} must be an integer, got {value!r}")
+        return value
+    if not math.isfinite(value):
+        raise ConfigError(f"config.json field {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """RoPE base and scaling from either spelling: tf4 `rope_theta` + `rope_scaling`, tf5
     `rope_parameters` (holding `rope_theta` and `rope_type`)."""
@@ -233,15 +326,35 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         scaling = {}
     if not isinstance(theta, int | float) or isinstance(theta, bool):
         raise ConfigError(f"config.json rope_theta must be a number, got {theta!r}")
+    if not (math.isfinite(theta) and theta > 0):
+        raise ConfigError(f"config.json rope_theta must be a finite number > 0 (e.g. 10000.0 "
+                          f"or 500000.0), got {theta!r}")
     return float(theta), scaling or None
+
+
+def _token_id(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config.json {key} must be a token id (an integer >= 0) or a list "
+                          f"of them, got {value!r}")
+    return value
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    if isinstance(value, list | tuple):
+        return tuple(_token_id(v, "eos_token_id") for v in value)
+    return (_token_id(value, "eos_token_id"),)
+
+
+def _layer_list(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in value):
+        raise ConfigError(f"config.json mlp_only_layers must be a list of layer indices, got "
+                          f"{str(value)[:80]}")
+    return tuple(value)
 
 
 def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
@@ -261,10 +374,20 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
         "n_vocab": _require(cfg, "vocab_size"),
         "max_position_embeddings": _require(cfg, "max_position_embeddings"),
         "dtype": str(dtype),
-        "bos_token_id": cfg.get("bos_token_id"),
+        "bos_token_id": (None if cfg.get("bos_token_id") is None
+                         else _token_id(cfg["bos_token_id"], "bos_token_id")),
         "eos_token_ids": _eos_ids(cfg.get("eos_token_id")),
     }
+    if common["n_head"] <= 0:
+        raise ConfigError(f"config.json num_attention_heads must be >= 1, got "
+                          f"{common['n_head']}")
+    dims_divide = common["n_embd"] % common["n_head"] == 0
     if model_type == "opt":
+        if not dims_divide:
+            raise ConfigError(
+                f"config.json hidden_size ({common['n_embd']}) must be a multiple of "
+                f"num_attention_heads ({common['n_head']}): OPT splits the hidden size over its "
+                "heads")
         return ModelConfig(
             **common,
             n_kv_head=common["n_head"],
@@ -279,12 +402,25 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
             norm_kind="layernorm",
             learned_pos_embd=True,
         )
-    n_kv_head = cfg.get("num_key_value_heads") or common["n_head"]
-    d_head = cfg.get("head_dim") or common["n_embd"] // common["n_head"]
+    # absent or null: MHA (transformers' default); 0 is no head count at all, not MHA
+    n_kv_head = _optional(cfg, "num_key_value_heads", int, common["n_head"])
+    if n_kv_head < 1:
+        raise ConfigError(f"config.json num_key_value_heads must be >= 1 (omit it for MHA), "
+                          f"got {n_kv_head}")
+    d_head = _optional(cfg, "head_dim", int, None)
+    if d_head is None:  # transformers' default: hidden_size // num_attention_heads
+        if not dims_divide:
+            raise ConfigError(
+                f"config.json hidden_size ({common['n_embd']}) is not a multiple of "
+                f"num_attention_heads ({common['n_head']}) and there is no head_dim; give "
+                "head_dim or fix the head count")
+        d_head = common["n_embd"] // common["n_head"]
+    elif d_head < 1:
+        raise ConfigError(f"config.json head_dim must be >= 1, got {d_head}")
     theta, scaling = _rope(cfg)
     is_qwen = model_type in ("qwen2", "qwen2_moe")
     attention_bias = bool(cfg.get("attention_bias", False))
-    sliding_window = cfg.get("sliding_window")
+    sliding_window = _optional(cfg, "sliding_window", int, None)
     if is_qwen and not cfg.get("use_sliding_window", False):
         sliding_window = None  # Qwen2 carries a window size but only uses it when asked
     if model_type == "llama":
@@ -302,10 +438,10 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
             "n_expert": _require(cfg, "num_experts"),
             "n_expert_per_tok": _require(cfg, "num_experts_per_tok"),
             "moe_n_inner": _require(cfg, "moe_intermediate_size"),
-            "shared_expert_n_inner": int(cfg.get("shared_expert_intermediate_size") or 0),
+            "shared_expert_n_inner": _optional(cfg, "shared_expert_intermediate_size", int, 0),
             "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
-            "decoder_sparse_step": int(cfg.get("decoder_sparse_step", 1) or 1),
-            "mlp_only_layers": tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+            "decoder_sparse_step": _optional(cfg, "decoder_sparse_step", int, 1) or 1,
+            "mlp_only_layers": _layer_list(cfg.get("mlp_only_layers")),
         }
     hidden_act = str(cfg.get("hidden_act", "silu"))
     if hidden_act != "silu":
@@ -314,8 +450,8 @@ def _from_hf_config(cfg: dict[str, Any], name: str) -> ModelConfig:
         **common,
         n_kv_head=int(n_kv_head),
         d_head=int(d_head),
-        n_inner=int(cfg.get("intermediate_size") or 0),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        n_inner=_optional(cfg, "intermediate_size", int, 0),
+        rms_norm_eps=_optional(cfg, "rms_norm_eps", float, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

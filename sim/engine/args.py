@@ -23,6 +23,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from batching import SCHEDULERS
 from batching.policy import POLICIES as SCHEDULING_POLICIES
 from cache import KV_CACHES
@@ -77,6 +79,158 @@ def check_choice(name: str, value: object) -> None:
     close = difflib.get_close_matches(str(value), list(choices), n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ConfigError(f"{name}={value!r} is not one of {valid}{hint}")
+
+
+#: bounds of the parallel degrees: one replica spans at most 16 x 16 GPUs (the planner's largest
+#: tp and pp), and a run simulates at most `MAX_NUM_GPUS` GPUs, each replica a lane of its own
+#: (a KV manager, a scheduler) in this process; 4096 GPUs is a large cluster's serving fleet
+MAX_PARALLEL_SIZE = {"tensor_parallel_size": 16, "pipeline_parallel_size": 16,
+                     "data_parallel_size": 1024}
+MAX_NUM_GPUS = 4096
+#: token counts above 2**31 are no context length any model has (the longest are ~10M tokens):
+#: such a value is a typo or a unit mistake
+MAX_TOKENS = 2**31 - 1
+#: sequences in one batch; vLLM's default is 256, and no GPU holds a million sequences' KV
+MAX_NUM_SEQS = 2**20
+#: GiB of host swap space: a large host holds a few TiB of DRAM
+MAX_SWAP_SPACE_GIB = 4096.0
+#: seeds are fed to NumPy's SeedSequence and to per-request int64 seeds
+MAX_SEED = 2**63 - 1
+
+
+def _kind(annotation: object) -> tuple[str, bool] | None:
+    """The value kind ('int', 'float', 'bool', 'str', 'ints') of a field annotation and whether
+    None is allowed; None for annotations checked elsewhere (`Any`: the speculative config)."""
+    text = str(annotation).replace(" ", "")
+    optional = text.endswith("|None")
+    base = text.removesuffix("|None")
+    if base == "tuple[int,...]":
+        return "ints", optional
+    if base in ("int", "float", "bool", "str"):
+        return base, optional
+    return None
+
+
+def _as_int(name: str, value: object) -> int:
+    """`value` as an int, or a ConfigError: no bools, floats or strings where a count goes."""
+    if isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{name}={value!r} must be an integer, not a bool; pass e.g. 1")
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be an integer, not a string; pass the number "
+                          "itself (e.g. 16, not '16')")
+    if isinstance(value, float | np.floating):
+        hint = (f"; pass {int(value)}" if math.isfinite(value) and float(value).is_integer()
+                else "; pass a whole number")
+        raise ConfigError(f"{name}={value!r} must be an integer (a count), not a float{hint}")
+    raise ConfigError(f"{name}={value!r} must be an integer, got a {type(value).__name__}")
+
+
+def _as_float(name: str, value: object) -> float:
+    """`value` as a finite float, or a ConfigError (no bools, strings, NaN or infinity)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        what = "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise ConfigError(f"{name}={value!r} must be a number, not {what}; pass e.g. 0.5")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={value!r} must be a finite number; pass a real value")
+    return number
+
+
+def check_types(args: EngineArgs) -> None:
+    """Check (and normalise: NumPy scalars -> Python, a list -> a tuple) every field's type from
+    its annotation, so a `'16'`, a `True` or a `2.5` where a count goes is refused by name before
+    any arithmetic, as vLLM's argparse types and pydantic configs refuse them."""
+    for f in dataclasses.fields(args):
+        kind = _kind(f.type)
+        value = getattr(args, f.name)
+        if kind is None or (value is None and kind[1]) or f.name in CHOICES:
+            continue  # (a choice is checked by `check_choice`, which lists the choices)
+        if value is None:
+            raise ConfigError(f"{f.name}=None is not allowed; pass a value (default "
+                              f"{f.default!r})")
+        base = kind[0]
+        new: object
+        if base == "int":
+            new = _as_int(f.name, value)
+        elif base == "float":
+            new = _as_float(f.name, value)
+        elif base == "bool":
+            if not isinstance(value, bool | np.bool_):
+                raise ConfigError(f"{f.name}={value!r} must be True or False")
+            new = bool(value)
+        elif base == "str":
+            if not isinstance(value, str):
+                raise ConfigError(f"{f.name}={value!r} must be a string, got a "
+                                  f"{type(value).__name__}")
+            new = value
+        else:  # "ints"
+            if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+                raise ConfigError(f"{f.name}={value!r} must be a list of integers, e.g. [4, 8]")
+            new = tuple(_as_int(f"{f.name}[{i}]", v) for i, v in enumerate(value))
+        object.__setattr__(args, f.name, new)
+
+
+def _at_least(args: EngineArgs, name: str, low: int, high: int, fix: str = "") -> None:
+    value = getattr(args, name)
+    if value is not None and not low <= value <= high:
+        hint = f"; {fix}" if fix else ""
+        raise ConfigError(f"{name}={value} must be in {low}..{high:,}{hint}")
+
+
+def check_ranges(args: EngineArgs) -> None:
+    """Every numeric field in its range, and the settings that only make sense together."""
+    _at_least(args, "seed", 0, MAX_SEED, "seeds are non-negative (vLLM's --seed)")
+    _at_least(args, "max_num_seqs", 1, MAX_NUM_SEQS)
+    for name in ("max_model_len", "max_num_batched_tokens"):
+        _at_least(args, name, 1, MAX_TOKENS, "a token count this large is likely a typo")
+    _at_least(args, "num_gpu_blocks_override", 1, MAX_TOKENS,
+              "it counts KV blocks of block_size tokens, not tokens or bytes")
+    for name, high in MAX_PARALLEL_SIZE.items():
+        _at_least(args, name, 1, high)
+    num_gpus = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
+    if num_gpus > MAX_NUM_GPUS:
+        raise ConfigError(
+            f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = {num_gpus:,} "
+            f"GPUs is more than the {MAX_NUM_GPUS} one run simulates (each replica is a lane of "
+            "its own); simulate one replica and scale its throughput by data_parallel_size")
+    if args.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        raise ConfigError(f"block_size={args.block_size} must be a power of two from 1 to 256 "
+                          "(vLLM uses 16)")
+    if not 0 <= args.swap_space <= MAX_SWAP_SPACE_GIB:
+        raise ConfigError(f"swap_space={args.swap_space:g} must be in 0..{MAX_SWAP_SPACE_GIB:g} "
+                          "GiB of host memory (it is GiB, not bytes)")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ConfigError(f"gpu_memory_utilization={args.gpu_memory_utilization:g} must be in "
+                          "(0, 1]: a share of the GPU's memory, e.g. 0.9 (not 90)")
+    if not 0 <= args.kv_watermark < 1:
+        raise ConfigError(f"kv_watermark={args.kv_watermark:g} must be in [0, 1): a share of "
+                          "the KV pool, e.g. 0.01")
+    _at_least(args, "long_prefill_token_threshold", 0, MAX_TOKENS, "0 means no cap")
+    _at_least(args, "max_num_partial_prefills", 1, MAX_NUM_SEQS)
+    if not args.enable_chunked_prefill and (args.long_prefill_token_threshold
+                                            or args.max_num_partial_prefills != 1):
+        raise ConfigError(
+            f"long_prefill_token_threshold={args.long_prefill_token_threshold} and "
+            f"max_num_partial_prefills={args.max_num_partial_prefills} only act with chunked "
+            "prefill; set enable_chunked_prefill=True or leave them at 0 and 1")
+    for name in ("max_wait_s", "max_queue_delay_s"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"{name}={getattr(args, name):g} must be >= 0 seconds")
+    _at_least(args, "admission_max_waiting", 0, MAX_NUM_SEQS * 1024)
+    for name in ("admission_rate_per_s", "admission_ttft_slo_s"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name}={value:g} must be > 0 (or None: off)")
+    _at_least(args, "admission_burst", 1, MAX_NUM_SEQS * 1024)
+    for name in ("kv_eviction_window", "kv_eviction_sinks", "kv_eviction_heavy"):
+        _at_least(args, name, 0, MAX_TOKENS)
+    bad = [n for n in args.preferred_batch_sizes if not 1 <= n <= args.max_num_seqs]
+    if bad:
+        raise ConfigError(
+            f"preferred_batch_sizes={list(args.preferred_batch_sizes)} must lie in "
+            f"1..max_num_seqs ({args.max_num_seqs}); {bad} do not")
 
 
 @dataclass(frozen=True)
@@ -137,6 +291,7 @@ class EngineArgs:
     speculative_config: Any = None
 
     def __post_init__(self) -> None:
+        check_types(self)  # every field's type first, so the range checks compare numbers
         for name in CHOICES:
             check_choice(name, getattr(self, name))
         if self.speculative_config is not None:  # validates the method and its options
@@ -144,51 +299,8 @@ class EngineArgs:
                                SpeculativeConfig.from_any(self.speculative_config))
         if self.quantization is not None:  # validates the group size for the method
             QuantSpec(self.quantization, self.quantization_group_size)
-        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            raise ConfigError(f"block_size must be a power of two from 1 to 256, got "
-                              f"{self.block_size}")
-        if not (self.swap_space >= 0 and math.isfinite(self.swap_space)):
-            raise ConfigError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        check_ranges(self)
         check_compatible(self)  # combinations of settings: the rules of sim.engine.compat
-        for name in ("max_num_seqs", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        if not (0 < self.gpu_memory_utilization <= 1 and math.isfinite(self.gpu_memory_utilization)):
-            raise ConfigError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if not 0 <= self.kv_watermark < 1:
-            raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
-        if self.long_prefill_token_threshold < 0 or self.max_num_partial_prefills < 1:
-            raise ConfigError("long_prefill_token_threshold must be >= 0 (0: no cap) and "
-                              "max_num_partial_prefills >= 1")
-        for name in ("max_wait_s", "max_queue_delay_s"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value}")
-        if self.admission_max_waiting is not None and self.admission_max_waiting < 0:
-            raise ConfigError(
-                f"admission_max_waiting must be >= 0, got {self.admission_max_waiting}")
-        for name in ("admission_rate_per_s", "admission_ttft_slo_s"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be a positive finite number, got {value}")
-        if self.admission_burst < 1:
-            raise ConfigError(f"admission_burst must be at least 1, got {self.admission_burst}")
-        object.__setattr__(self, "preferred_batch_sizes",
-                           tuple(int(n) for n in self.preferred_batch_sizes))
-        if any(n < 1 or n > self.max_num_seqs for n in self.preferred_batch_sizes):
-            raise ConfigError(
-                f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in 1..max_num_seqs "
-                f"({self.max_num_seqs})"
-            )
-        for name in ("pipeline_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.eviction()  # validates the eviction policy and its sizes
 
     def eviction(self) -> KVEviction | None:

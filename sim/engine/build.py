@@ -108,6 +108,22 @@ def kv_text(engine: Engine) -> str:
     return text
 
 
+def check_pool_size(engine: Engine, num_gpu_blocks: int) -> None:
+    """Refuse a KV pool that no GPU holds: more blocks than the whole device memory
+    (`num_gpu_blocks_override` given in tokens or bytes, say). The pools are lazy
+    (`cache.block_pool`), so a large one that fits costs no host memory up front."""
+    args = engine.args
+    block_bytes = engine.kv_block_bytes
+    pool_bytes = num_gpu_blocks * block_bytes
+    if args.num_gpu_blocks_override is not None and pool_bytes > engine.hardware.mem_bytes:
+        raise ConfigError(
+            f"num_gpu_blocks_override={args.num_gpu_blocks_override:,} blocks of "
+            f"{block_bytes / 2**20:.3g} MiB is {pool_bytes / 2**30:,.1f} GiB of KV, more than "
+            f"the {engine.hardware.mem_bytes / 2**30:,.0f} GiB of one {engine.hardware.name}; "
+            f"it counts blocks of block_size={args.block_size} tokens (the plan leaves "
+            f"{engine.memory.num_kv_blocks:,})")
+
+
 def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheManager:
     """A fresh KV manager for one lane of `engine`, as `kv_cache` asks: `num_blocks` blocks of
     `block_size` tokens (default: the engine's pool, `num_gpu_blocks_override` or the memory
@@ -126,11 +142,14 @@ def build_kv_manager(engine: Engine, num_blocks: int | None = None) -> KVCacheMa
                               "no KV; drop num_blocks or choose kv_cache='paged'/'contiguous'")
         return KV_CACHES["none"]()
     if args.kv_cache == "paged":
+        num_gpu_blocks = engine.num_kv_blocks if num_blocks is None else num_blocks
+        num_swap_blocks = int(args.swap_space * 2**30 // engine.kv_block_bytes)
+        check_pool_size(engine, num_gpu_blocks)
         paged = PagedKVCache(
-            engine.num_kv_blocks if num_blocks is None else num_blocks, args.block_size,
+            num_gpu_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
-            num_swap_blocks=int(args.swap_space * 2**30 // engine.kv_block_bytes),
+            num_swap_blocks=num_swap_blocks,
             eviction=args.eviction())
         paged.record_block_ops = args.mode == "functional"
         # timing-only: no store reads block ids, so the pool hands them out in bulk

@@ -152,6 +152,8 @@ class Engine:
         elif self.args.mode == "functional":
             if spec.prompt_token_ids is not None:
                 ids = list(spec.prompt_token_ids)
+            elif spec.prompt_len > self.max_model_len:
+                pass  # refused at arrival as too long: no ids drawn (1e11 of them would not fit)
             else:
                 rng = np.random.default_rng(np.random.SeedSequence(self.args.seed, spawn_key=(index, 1)))
                 vocab = min(self.functional_model.config.n_vocab, 256)

@@ -21,10 +21,13 @@ from cache import KV_CACHES
 from parallel.plan import ParallelPlan, candidate_plans
 from sim.core.errors import InfersimError
 from sim.core.step_shape import StepShape
-from sim.engine.args import EngineArgs
+from sim.engine.args import MAX_NUM_GPUS, EngineArgs
 from sim.engine.engine import Engine
 from sim.model.zoo import resolve_model
 from sim.workload.specs import make_workload
+
+#: requests each plan is simulated on: every candidate plan runs them all, timing-only
+MAX_PLAN_PROMPTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,12 @@ def evaluate_plan(model: str, hardware: str, plan: ParallelPlan, num_prompts: in
     except InfersimError as exc:
         return PlanResult(**head, fits=False, reason=str(exc).split(";")[0])
     workload = make_workload(num_prompts, request_rate, input_len, output_len, seed=seed)
-    result = engine.run(workload, keep_requests=False)
-    s = result.summary.to_benchmark_json()
+    try:  # a pool the lanes cannot hold is refused when the run builds them
+        result = engine.run(workload, keep_requests=False)
+    except InfersimError as exc:
+        return PlanResult(**head, fits=False, reason=str(exc).split(";")[0])
+    s = {key: math.nan if value is None else value  # None: no request finished
+         for key, value in result.summary.to_benchmark_json().items()}
     shape = StepShape.decode([input_len + output_len // 2] * 64)
     cost = engine.cost_model.step_cost(shape)
     stats = engine.parallel_stats
@@ -86,9 +93,22 @@ def evaluate_plan(model: str, hardware: str, plan: ParallelPlan, num_prompts: in
 def evaluate_plans(model: str, hardware: str, num_gpus: int, **workload: Any
                    ) -> list[PlanResult]:
     """Every candidate plan on `num_gpus` GPUs, feasible ones first by output throughput."""
-    if num_gpus < 1:
-        raise InfersimError(f"--num-gpus must be at least 1, got {num_gpus}")
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or not (
+            1 <= num_gpus <= MAX_NUM_GPUS):
+        raise InfersimError(f"--num-gpus {num_gpus!r} must be an integer in 1..{MAX_NUM_GPUS} "
+                            "(the most GPUs one simulated run spans)")
+    num_prompts = workload.get("num_prompts", 200)
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or not (
+            1 <= num_prompts <= MAX_PLAN_PROMPTS):
+        raise InfersimError(f"--num-prompts {num_prompts!r} must be an integer in "
+                            f"1..{MAX_PLAN_PROMPTS:,}: every plan simulates them")
     config = resolve_model(model)
+    seq_len = workload.get("input_len", 512) + workload.get("output_len", 128)
+    if seq_len > config.max_position_embeddings:
+        raise InfersimError(
+            f"--input-len + --output-len = {seq_len:,} tokens is more than {config.name}'s "
+            f"max_position_embeddings ({config.max_position_embeddings:,}): every request "
+            "would be rejected on every plan; shorten them")
     results = [evaluate_plan(model, hardware, p, **workload)
                for p in candidate_plans(config, num_gpus)]
     if not results:

@@ -246,9 +246,17 @@ class LengthDistribution(Protocol):
     def sample(self, num: int, rng: np.random.Generator, start: int = 0) -> np.ndarray: ...
 
 
+#: the longest length a distribution may give: 2**31 - 1 tokens is past any model's context
+#: (the longest are ~10M), so a larger value is a typo or a unit mistake
+MAX_LEN_TOKENS = 2**31 - 1
+
+
 def _check_len(value: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise InfersimError(f"{what} must be an integer number of tokens >= 1, got {value!r}")
+    if value > MAX_LEN_TOKENS:
+        raise InfersimError(f"{what}={value:,} tokens is more than any model's context "
+                            f"(at most {MAX_LEN_TOKENS:,} here); check the units")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ import numpy as np
 
 from sim.core.errors import InfersimError
 from sim.workload.distributions import LengthDistribution
-from sim.workload.specs import ArrivalProcess, RequestSpec, make_workload
+from sim.workload.specs import (
+    MAX_CHUNK_PROMPT_TOKENS,
+    ArrivalProcess,
+    RequestSpec,
+    make_workload,
+)
 
 
 def shared_prefix_workload(
@@ -37,9 +42,19 @@ def shared_prefix_workload(
     with gamma gaps of shape `burstiness`, or an arrival process). Every argument is checked
     here, before the first spec is drawn, so a bad one fails at the call and not mid-run.
     """
+    for name, value in (("system_len", system_len), ("num_system_prompts", num_system_prompts)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InfersimError(f"{name} must be an integer, got {value!r}")
     if system_len < 0 or num_system_prompts < 1:
         raise InfersimError(f"need system_len >= 0 and num_system_prompts >= 1, got "
                             f"{system_len} and {num_system_prompts}")
+    num_system_tokens = int(system_len) * int(num_system_prompts)
+    if num_system_tokens > MAX_CHUNK_PROMPT_TOKENS:
+        raise InfersimError(
+            f"{num_system_prompts} system prompt(s) of system_len={system_len:,} tokens are "
+            f"{num_system_tokens:,} token ids, more than the {MAX_CHUNK_PROMPT_TOKENS:,} this "
+            "simulator draws at once; lower the shared prefix length (no model's context is "
+            "that long)")
     specs = make_workload(num_requests, arrival, user_len, output_len, seed=seed,
                           vocab_size=vocab_size, id_prefix="prefix", burstiness=burstiness)
     return _with_system_prompts(specs, system_len, vocab_size, num_system_prompts, seed)

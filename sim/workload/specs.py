@@ -63,6 +63,12 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 4096
+#: prompt token ids drawn at once (one chunk of specs): 2**26 ids are 0.5 GiB as int64 and
+#: a few GiB as the specs' tuples, so a larger chunk is refused before it is drawn
+MAX_CHUNK_PROMPT_TOKENS = 2**26
+#: requests arriving at once (an infinite rate): specs stream lazily, so at a finite rate any
+#: number streams through, but arriving together they all wait in one queue (~1 KiB each)
+MAX_NUM_REQUESTS_AT_ONCE = 10**6
 
 
 def _as_count(value: object, what: str) -> int:
@@ -177,6 +183,11 @@ def make_workload(
     if seed < 0:
         raise InfersimError(f"seed must be >= 0, got {seed}")
     process = _as_arrival(arrival, burstiness)
+    if isinstance(process, AllAtOnce) and num_requests > MAX_NUM_REQUESTS_AT_ONCE:
+        raise InfersimError(
+            f"num_requests={num_requests:,} arriving at once is more than the "
+            f"{MAX_NUM_REQUESTS_AT_ONCE:,} one simulated run holds in its queue; simulate "
+            "fewer, or give a finite request rate to stream them")
     if isinstance(process, TraceArrivals) and num_requests > len(process):
         raise InfersimError(
             f"num_requests ({num_requests}) exceeds the {len(process)} arrival times in the "
@@ -187,6 +198,20 @@ def make_workload(
     return _generate(
         num_requests, process, input_dist, output_dist, seed, vocab_size, id_prefix, chunk_size
     )
+
+
+def check_token_budget(prompt_lens: np.ndarray, start: int = 0) -> None:
+    """Refuse to draw the token ids of a chunk of prompts (`prompt_lens` `[num]`, the first being
+    request `start`) when they are more than `MAX_CHUNK_PROMPT_TOKENS`: the number is named
+    before anything that size is allocated."""
+    total = int(prompt_lens.astype(np.float64).sum())  # float: no int64 overflow at 1e23
+    if total > MAX_CHUNK_PROMPT_TOKENS:
+        longest = int(prompt_lens.max())
+        raise InfersimError(
+            f"requests {start}..{start + prompt_lens.size - 1} have {total:,} prompt tokens "
+            f"(the longest {longest:,}), more than the {MAX_CHUNK_PROMPT_TOKENS:,} token ids "
+            "this simulator draws at once; lower the input length (no model's context is "
+            "that long) or use timing-only token counts")
 
 
 def _generate(
@@ -217,6 +242,7 @@ def _generate(
         last_s = float(arrivals_s[-1])
         tokens: list[tuple[int, ...] | None] = [None] * num
         if vocab_size is not None:
+            check_token_budget(prompt_lens, start)
             flat = token_rng.integers(0, vocab_size, size=int(prompt_lens.sum()))  # [sum(len)]
             pieces = np.split(flat, np.cumsum(prompt_lens)[:-1])  # num x [prompt_len]
             tokens = [tuple(piece.tolist()) for piece in pieces]
