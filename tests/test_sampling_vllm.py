@@ -100,6 +100,9 @@ CASES = {
     "all_penalties": dict(presence_penalty=-0.5, frequency_penalty=1.0, repetition_penalty=1.3),
     "logit_bias": dict(logit_bias={32: 4.0, 101: -100.0, 7: 2.5}),
     "allowed": dict(allowed_token_ids=[32, 97, 101, 105, 110, 111, 115, 116]),
+    # bias before the repetition penalty (vLLM v1's order): the two do not commute
+    "bias_then_repetition": dict(logit_bias={32: 3.0, 101: 2.0, 108: -1.0},
+                                 repetition_penalty=2.0),
 }
 
 
