@@ -4,23 +4,61 @@ Shared by every scheduler so that stop rules are identical across policies (vLLM
 `check_stop`): EOS (unless `ignore_eos`, and not before `min_tokens`), a stop token id,
 `max_tokens`, or reaching `max_model_len`. A stopping token stays in `token_ids`, as in vLLM.
 
-References: vLLM `vllm/v1/core/sched/utils.py` (check_stop).
+Stop strings (`SamplingParams.stop`, functional mode only) are checked after those, on the text
+detokenized incrementally (each new token decodes only a short window of ids, as vLLM and HF
+TGI do, so a long output costs linear, not quadratic, work): the search covers only the
+characters the new token added (plus a stop string's length of overlap), and not before
+`min_tokens`; the text is cut before the stop string, or after it with
+`include_stop_str_in_output`. `_commit_counts` (timing-only) has no text and never sees them.
+
+References: vLLM `vllm/v1/core/sched/utils.py` (check_stop), `vllm/v1/engine/detokenizer.py`
+(`check_stop_strings`, incremental detokenization).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sim.core.request import Logprob, Request, Status
 from sim.core.step import StepPlan, StepResult
+
+
+class Decoder(Protocol):
+    """What stop strings need of a tokenizer (`sim.model.tokenizer.Tokenizer` has it)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 @dataclass(frozen=True)
 class StopCriteria:
     eos_token_ids: frozenset[int]
     max_model_len: int
+    #: detokenizes outputs for stop strings (functional mode; None: no text, no stop strings)
+    tokenizer: Decoder | None = None
 
-    def check(self, request: Request, token_id: int) -> tuple[str, int | None] | None:
+    def check_text(self, request: Request) -> str | None:
+        """The stop string the request's newest token completed, else None; the request's
+        `output_text` is then cut as vLLM cuts it."""
+        params = request.sampling
+        if not params.stop or self.tokenizer is None or not request.keep_tokens:
+            return None
+        delta = _detokenize_next(request, self.tokenizer)
+        if not delta or request.num_output_tokens <= params.min_tokens:
+            return None
+        text = request.output_text
+        for stop_str in params.stop:
+            # only where the new characters could complete it: len(delta) + len - 1 back
+            at = text.find(stop_str, max(0, len(text) - len(delta) - len(stop_str) + 1))
+            if at == -1:
+                continue
+            end = at + len(stop_str) if params.include_stop_str_in_output else at
+            request.output_text = text[:end]
+            return stop_str
+        return None
+
+    def check(self, request: Request, token_id: int) -> tuple[str, int | str | None] | None:
         """(finish_reason, stop_reason) once `token_id` was appended, else None."""
         params = request.sampling
         if token_id >= 0 and request.num_output_tokens > params.min_tokens - 1:
@@ -66,6 +104,9 @@ def commit_step(
         for j, token in enumerate(new_tokens):
             _append(req, token, None if entries is None else entries[j], now_s)
             reason = stop.check(req, token)
+            if reason is None and req.sampling.stop:
+                stop_str = stop.check_text(req)
+                reason = None if stop_str is None else ("stop", stop_str)
             if reason is not None:
                 req.finish_reason, req.stop_reason = reason
                 stopped.append(req)
@@ -109,6 +150,25 @@ def _append(req: Request, token: int,
     if req.num_output_tokens == 1:
         req.first_token_s = now_s
     req.token_times_s.append(now_s)
+
+
+def _detokenize_next(req: Request, tokenizer: Decoder) -> str:
+    """The text the newest output token adds to `req.output_text` (appended there), "" while
+    it ends inside a multi-byte character. Decoding the window from `detok_prefix_offset` and
+    subtracting the text of the ids before `detok_read_offset` keeps word-boundary spaces that
+    a tokenizer only renders next to the preceding token (HF TGI / vLLM's incremental
+    detokenizer)."""
+    ids = req.output_token_ids
+    skip = req.sampling.skip_special_tokens
+    before = tokenizer.decode(ids[req.detok_prefix_offset:req.detok_read_offset],
+                              skip_special_tokens=skip)
+    now = tokenizer.decode(ids[req.detok_prefix_offset:], skip_special_tokens=skip)
+    if len(now) <= len(before) or now.endswith("\ufffd"):
+        return ""
+    delta = now[len(before):]
+    req.detok_prefix_offset, req.detok_read_offset = req.detok_read_offset, len(ids)
+    req.output_text += delta
+    return delta
 
 
 def finish(request: Request, now_s: float) -> None:

@@ -61,11 +61,11 @@ def sample_rng(params: SamplingParams, engine_seed: int, request_index: int,
 
 
 def make_samples(leader: Request, make: Callable[[str, SamplingParams, int], Request]) -> None:
-    """Give `leader` (an `n > 1` request) its other samples, in `leader.forks`; `make(id,
-    params, sample_index)` builds one `Request`."""
+    """Give `leader` (an `n > 1` or `best_of > 1` request) its other samples, in
+    `leader.forks`; `make(id, params, sample_index)` builds one `Request`."""
     leader.forks = [
         make(f"{i}_{leader.request_id}", sample_params(leader.sampling, i), i)
-        for i in range(1, leader.sampling.n)
+        for i in range(1, leader.sampling.num_samples)
     ]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +27,9 @@ SAMPLING_EPS = 1e-5
 #: The most samples one prompt may ask for (vLLM's default `VLLM_MAX_N_SEQUENCES`): every
 #: sample is a `Request` built up front, so an unbounded `n` would exhaust memory, not fail.
 MAX_N = 16384
+#: vLLM clamps each `logit_bias` entry to this magnitude (the OpenAI API's range): a bias of
+#: 1e300 would otherwise turn every other token's probability into an exact 0 and NaN the rest.
+MAX_LOGIT_BIAS = 100.0
 
 
 def _int_field(name: str, value: object, fix: str) -> int:
@@ -71,6 +74,42 @@ def _token_ids_field(name: str, value: object) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _strings_field(name: str, value: object) -> tuple[str, ...]:
+    """`value` (None, one string or a sequence of non-empty strings) as a tuple (vLLM accepts a
+    lone string for `stop` and `bad_words`)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise ConfigError(f"SamplingParams.{name} must be a string or a list of strings, got "
+                          f"{value!r} ({type(value).__name__})")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"SamplingParams.{name}[{i}] must be a non-empty string, got "
+                              f"{item!r}; drop empty entries")
+        out.append(item)
+    return tuple(out)
+
+
+def _logit_bias_field(value: object) -> dict[int, float]:
+    """`logit_bias` as {token id: bias}, each bias clamped to +-`MAX_LOGIT_BIAS` (vLLM, after the
+    OpenAI API); keys may be ints or decimal strings (JSON objects have string keys)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"SamplingParams.logit_bias must be a dict {{token_id: bias}}, got "
+                          f"{value!r} ({type(value).__name__})")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token: object = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(token, bool) or not isinstance(token, int | np.integer) or token < 0:
+            raise ConfigError(f"SamplingParams.logit_bias: key {key!r} must be a token id (an "
+                              "int >= 0)")
+        as_float = _float_field(f"logit_bias[{key!r}]", bias, "pass a bias in [-100, 100]")
+        out[int(token)] = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, as_float))
+    return out
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request (vLLM's names, defaults and rules).
@@ -91,6 +130,24 @@ class SamplingParams:
     wrong type, NaN, inf or a value out of range is a `ConfigError` naming the field, so a bad
     value never reaches the sampler. Unlike vLLM, temperatures above 2 are allowed (float64
     logits divide by any finite temperature) and small ones are not raised to 1e-2.
+
+    The logits processors follow vLLM v1 (`vllm/v1/sample/sampler.py`), in its order: tokens
+    outside `allowed_token_ids` and the last token of each matching `bad_words` sequence are set
+    to -inf, `logit_bias` is added, then the penalties: `repetition_penalty` (CTRL, Keskar et
+    al. 2019: a positive logit divided by it, a negative one multiplied) on every token seen in
+    the prompt or the output, `frequency_penalty` times the token's count in the output and
+    `presence_penalty` once per token present in the output are subtracted (OpenAI's
+    definitions). Greedy takes the arg-max of those logits; sampling divides by the temperature,
+    drops tokens whose probability is below `min_p` times the largest (Nguyen et al. 2024), then
+    applies top-k and top-p. Log-probabilities (`logprobs`, `prompt_logprobs`,
+    `cumulative_logprob`) stay those of the raw model (vLLM's default `raw_logprobs`).
+
+    `stop` strings end a request once its detokenized text contains one (`finish_reason="stop"`,
+    `stop_reason` the string); the text is cut before it, or after it with
+    `include_stop_str_in_output`; the token ids keep the token that completed it (vLLM). They
+    need text, so they need `mode="functional"`. `best_of` samples that many sequences and
+    returns the `n` with the highest cumulative log-probability (vLLM v0); `truncate_prompt_tokens`
+    keeps the last `k` prompt tokens (-1: as many as `max_model_len` allows).
     """
 
     n: int = 1
@@ -106,6 +163,18 @@ class SamplingParams:
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:  # frozen: normalise in place (np types, ints)
@@ -169,6 +238,86 @@ class SamplingParams:
         if self.use_beam_search and self.min_tokens:
             raise ConfigError("min_tokens is not supported with use_beam_search=True; use "
                               "ignore_eos=True to keep every beam going")
+        self._check_vllm_fields(put)
+
+    def _check_vllm_fields(self, put: Callable[[str, object], None]) -> None:
+        """The fields vLLM added after the first wave, with its ranges (`_verify_args`)."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _float_field(name, getattr(self, name), "use 0 to disable it")
+            if not -2 <= value <= 2:
+                raise ConfigError(f"SamplingParams.{name} must be in [-2, 2], got {value}; use 0 "
+                                  "to disable it")
+            put(name, value)
+        repetition = _float_field("repetition_penalty", self.repetition_penalty,
+                                  "use 1 to disable it")
+        if repetition <= 0:
+            raise ConfigError(f"SamplingParams.repetition_penalty must be > 0, got {repetition}; "
+                              "use 1 to disable it (above 1 discourages repeats)")
+        put("repetition_penalty", repetition)
+        min_p = _float_field("min_p", self.min_p, "use 0 to disable it")
+        if not 0 <= min_p <= 1:
+            raise ConfigError(f"SamplingParams.min_p must be in [0, 1], got {min_p}; use 0 to "
+                              "disable it")
+        put("min_p", min_p)
+        put("stop", _strings_field("stop", self.stop))
+        put("bad_words", _strings_field("bad_words", self.bad_words))
+        put("include_stop_str_in_output",
+            _bool_field("include_stop_str_in_output", self.include_stop_str_in_output))
+        if self.best_of is not None:
+            best_of = _int_field("best_of", self.best_of, "pass an int >= n, or None")
+            if not self.n <= best_of <= MAX_N:
+                raise ConfigError(f"SamplingParams.best_of must be in [n={self.n}, {MAX_N}], got "
+                                  f"{best_of}; best_of samples that many and returns the n best")
+            if best_of > 1 and self.greedy:
+                raise ConfigError(f"SamplingParams.best_of={best_of} needs sampling: greedy "
+                                  "(temperature=0) gives best_of equal sequences; use best_of=1 "
+                                  "or a temperature > 0")
+            put("best_of", best_of)
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = _int_field("prompt_logprobs", self.prompt_logprobs,
+                                         "pass how many top log-probabilities per prompt token")
+            if prompt_logprobs < 0:
+                raise ConfigError(f"SamplingParams.prompt_logprobs must be >= 0 or None, got "
+                                  f"{prompt_logprobs}")
+            put("prompt_logprobs", prompt_logprobs)
+        if self.logit_bias is not None:
+            put("logit_bias", _logit_bias_field(self.logit_bias) or None)
+        if self.allowed_token_ids is not None:
+            allowed = _token_ids_field("allowed_token_ids", self.allowed_token_ids)
+            if not allowed:
+                raise ConfigError("SamplingParams.allowed_token_ids is empty: no token could be "
+                                  "sampled; pass at least one id, or None for all")
+            put("allowed_token_ids", allowed)
+        if self.truncate_prompt_tokens is not None:
+            keep = _int_field("truncate_prompt_tokens", self.truncate_prompt_tokens,
+                              "pass how many trailing prompt tokens to keep")
+            if keep < 1 and keep != -1:
+                raise ConfigError(f"SamplingParams.truncate_prompt_tokens must be >= 1, -1 "
+                                  f"(max_model_len) or None, got {keep}")
+            put("truncate_prompt_tokens", keep)
+        if self.use_beam_search and (self.processes_logits or self.best_of is not None
+                                     or self.stop):
+            raise ConfigError("beam search ranks the raw model's log-probabilities: penalties, "
+                              "min_p, logit_bias, allowed_token_ids, bad_words, best_of and stop "
+                              "strings are not supported with use_beam_search=True")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences sampled for the prompt: `best_of` if set, else `n`."""
+        return self.n if self.best_of is None else self.best_of
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any of the three penalties is on (they need the request's token counts)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor changes the logits before sampling (all off: the
+        sampler sees the model's logits unchanged, bit for bit)."""
+        return (self.penalizes or self.min_p > 0 or self.logit_bias is not None
+                or self.allowed_token_ids is not None or bool(self.bad_words))
 
     @property
     def greedy(self) -> bool:
@@ -187,7 +336,14 @@ class Logprob:
 
 @dataclass(slots=True)
 class RequestMetrics:
-    """vLLM's per-request timestamps, in simulated seconds since the simulation started."""
+    """vLLM's per-request times, in simulated seconds since the simulation started.
+
+    The first six are vLLM v0's `RequestMetrics`; the rest are vLLM v1's names for the same
+    clock (`vllm/v1/metrics/stats.py`: `RequestStateStats`'s timestamps and counts, and the
+    intervals `FinishedRequestStats` derives from them), so code written against either reads
+    its own names. v1's `queued_ts` is when the engine core queued the request: the arrival
+    here (no front-end process). Intervals of a request that never ran are 0, as in v1.
+    """
 
     arrival_time: float
     last_token_time: float
@@ -195,10 +351,28 @@ class RequestMetrics:
     first_token_time: float | None
     time_in_queue: float | None
     finished_time: float | None
+    # vLLM v1 (`RequestStateStats`)
+    num_generation_tokens: int = 0
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_token_latency: float = 0.0
+    # vLLM v1 (`FinishedRequestStats`)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    e2e_latency: float = 0.0
+    queued_time: float = 0.0
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    inference_time: float = 0.0
+    mean_time_per_output_token: float = 0.0
 
 
 @dataclass(slots=True)
 class CompletionOutput:
+    """One sampled sequence of a prompt (vLLM's `CompletionOutput`)."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -206,6 +380,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    lora_request: None = None  # vLLM's field; adapters are not simulated
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -213,6 +388,10 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
+    """One prompt's outputs (vLLM's `RequestOutput`). `prompt_logprobs` (with
+    `SamplingParams.prompt_logprobs`) has one entry per prompt token, None for the first (no
+    token precedes it), as in vLLM."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int] | None
@@ -222,6 +401,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # infersim: why the engine refused the request (None when it ran)
     reject_reason: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    lora_request: None = None  # vLLM's field; adapters are not simulated
 
 
 class Status(enum.Enum):
@@ -289,6 +470,13 @@ class Request:
     # beam search (`use_beam_search=True`): the prompt's `cache.beam_search.BeamGroup`, on the
     # submitted request and on every beam forked from it
     beam: BeamState | None = None
+    # `SamplingParams.bad_words` as token sequences (tokenized once when the request is made)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # `SamplingParams.stop` strings (functional mode): the text detokenized so far, and the
+    # incremental detokenizer's offsets into `output_token_ids` (see `batching.commit`)
+    output_text: str = ""
+    detok_prefix_offset: int = 0
+    detok_read_offset: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ from parallel.plan import plan_gpu_memory
 from sim.core.errors import ConfigError
 from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
 from sim.executor.timing import TimingExecutor
+from sim.model.tokenizer import ByteTokenizer
 from sim.timing.cost_model import CostModel
 from sim.timing.memory_plan import MemoryPlan
 
@@ -166,7 +167,9 @@ def build_scheduler(engine: Engine, kv: KVCacheManager) -> Scheduler:
     `build_kv_manager`. With speculative decoding (continuous only, refused otherwise by
     `speculative.decoding.Speculation`) it asks the engine's speculation for draft counts,
     whose counters start afresh for the run."""
-    stop = StopCriteria(engine.eos_token_ids, engine.max_model_len)
+    # stop strings decode with the tokenizer `LLM` decodes outputs with (bytes when none)
+    tokenizer = engine.tokenizer or (ByteTokenizer() if engine.args.mode == "functional" else None)
+    stop = StopCriteria(engine.eos_token_ids, engine.max_model_len, tokenizer)
     name = engine.args.scheduler
     options = {key: getattr(engine.args, key) for key in SCHEDULER_OPTIONS[name]}
     if engine.speculation is not None:

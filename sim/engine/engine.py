@@ -42,6 +42,8 @@ from sim.engine.compat import check_compatible
 from sim.engine.lanes import ParallelStats
 from sim.engine.loop import run_engine
 from sim.engine.records import SimulationResult, StepCharge
+from sim.model.sampling import bad_words_token_ids
+from sim.model.tokenizer import ByteTokenizer
 from sim.model.zoo import resolve_model
 from sim.timing.hardware import load_profile
 from sim.timing.memory_plan import MemoryPlan
@@ -165,6 +167,15 @@ class Engine:
                      prompt_token_ids: list[int] | None = None, prompt: str | None = None) -> Request:
         check_compatible(self.args, params)  # the request-level rules (beam search)
         functional = self.args.mode == "functional"
+        self._check_vllm_fields(params)
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # vLLM: keep the last k prompt tokens (-1: max_model_len)
+            keep = self.max_model_len if keep == -1 else keep
+            num_prompt_tokens = min(num_prompt_tokens, keep)
+            if prompt_token_ids is not None:
+                prompt_token_ids = prompt_token_ids[-num_prompt_tokens:]
+        bad_words = (bad_words_token_ids(params.bad_words, self.tokenizer or ByteTokenizer())
+                     if params.bad_words and functional else ())
 
         def build(rid: str, p: SamplingParams, sample_index: int) -> Request:
             return Request(
@@ -175,14 +186,29 @@ class Engine:
                                   else None),
                 keep_tokens=functional,
                 logprobs=[] if p.logprobs is not None and functional else None,
+                bad_words_token_ids=bad_words,
             )
 
         if params.use_beam_search:
             return self._beam_request(build(request_id, params, 0))
         req = build(request_id, params, 0)
-        if params.n > 1:  # the other samples fork its prompt KV (cache.parallel_sampling)
+        if params.num_samples > 1:  # the others fork its prompt KV (cache.parallel_sampling)
             make_samples(req, build)
         return req
+
+    def _check_vllm_fields(self, params: SamplingParams) -> None:
+        """Refuse the `SamplingParams` this engine cannot honour, with the reason."""
+        functional = self.args.mode == "functional"
+        if params.stop and not functional:
+            raise ConfigError(
+                f"SamplingParams.stop={list(params.stop)!r} needs mode='functional': a stop "
+                "string ends a request where its text contains it, and a timing-only run has "
+                "no text; use mode='functional', or max_tokens for the output length")
+        if params.processes_logits and functional and self.args.speculative_config is not None:
+            raise ConfigError(
+                "penalties, min_p, logit_bias, allowed_token_ids and bad_words are not "
+                "supported with speculative_config in mode='functional': drafts are verified "
+                "against the model's raw distribution; drop speculative_config or those fields")
 
     def _beam_request(self, req: Request) -> Request:
         """A beam-search request (`cache.beam_search`): greedy, `2n` log-probabilities per

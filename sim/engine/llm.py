@@ -24,6 +24,7 @@ from cache.beam_search import group_of
 from sim.core.errors import ConfigError
 from sim.core.request import (
     CompletionOutput,
+    Logprob,
     Request,
     RequestMetrics,
     RequestOutput,
@@ -33,7 +34,8 @@ from sim.core.request import (
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.engine.records import SimulationResult
-from sim.model.gguf_tokenizer import GGUFTokenizer
+from sim.model.gguf_tokenizer import GGUFTokenizer, render_chat_template
+from sim.model.sampling import log_softmax
 from sim.model.tokenizer import ByteTokenizer
 from sim.model.zoo import DEFAULT_MODEL
 from sim.workload.specs import RequestSpec
@@ -52,6 +54,20 @@ def _unique_ids(workload: Iterable[RequestSpec]) -> Iterator[RequestSpec]:
                               "earlier request; give every request its own id")
         seen.add(spec.request_id)
         yield spec
+
+
+def _refuse_lora(lora_request: object | None) -> None:
+    if lora_request is not None:
+        raise ConfigError(f"lora_request={lora_request!r} is not supported: infersim simulates "
+                          "no LoRA adapters (neither their weights nor their kernels' cost); "
+                          "pass lora_request=None, or merge the adapter into the checkpoint")
+
+
+def _conversations(messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]]
+                   ) -> Sequence[Sequence[dict[str, Any]]]:
+    """One conversation (a list of message dicts) or several, as a list of conversations."""
+    one = bool(messages) and isinstance(messages[0], dict)
+    return cast(Sequence[Sequence[dict[str, Any]]], [messages] if one else messages)
 
 
 class LLM:
@@ -135,14 +151,20 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: object | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt (all arriving at t = 0) and return outputs in prompt order.
+
+        vLLM's signature; `use_tqdm` defaults to False here (vLLM: True) so that simulations
+        print nothing unless asked. `lora_request` other than None is refused: no LoRA
+        adapters are simulated (their weights and their cost, vLLM's punica kernels).
 
         `priority` (one per prompt; lower runs first) matters with
         `scheduling_policy="priority"`, as in vLLM. Every prompt, its `SamplingParams` and its
         priority are checked before anything runs: a bad one is a `ConfigError` that names its
         index (`prompt 17 of 1000: ...`), and no request is made."""
+        _refuse_lora(lora_request)
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         if not isinstance(prompts, Sequence):
@@ -221,21 +243,31 @@ class LLM:
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: object | None = None,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of `{"role", "content"}` dicts) or to
-        several (a list of such lists), with the model's chat template applied (vLLM's `chat`)."""
+        several (a list of such lists), with the model's chat template applied (vLLM's `chat`).
+        A `chat_template` string (Jinja, as Hugging Face's) is used instead of the model's, and
+        makes any tokenizer usable; `lora_request` other than None is refused."""
+        _refuse_lora(lora_request)
         tokenizer = self.get_tokenizer()
+        if not isinstance(tokenizer, GGUFTokenizer) and chat_template is not None:
+            special = getattr(tokenizer, "special_text", {})
+            texts = [render_chat_template(
+                chat_template, [dict(m) for m in conversation], add_generation_prompt,
+                special.get(tokenizer.bos_token_id, ""), special.get(tokenizer.eos_token_id, ""))
+                for conversation in _conversations(messages)]
+            return self.generate([{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_bos=False)}
+                                  for t in texts], sampling_params, use_tqdm=use_tqdm)
         if not isinstance(tokenizer, GGUFTokenizer):  # the one tokenizer with a chat template
             raise ConfigError(
                 f"model {self.engine_args.model!r} has no chat template (its tokenizer is "
                 f"{type(tokenizer).__name__}); use a model with one, e.g. "
                 "HuggingFaceTB/SmolLM2-135M-Instruct, or generate() with a plain prompt")
-        one = bool(messages) and isinstance(messages[0], dict)  # one conversation, not a list
-        conversations = cast(Sequence[Sequence[dict[str, Any]]], [messages] if one else messages)
         prompts: list[PromptType] = []
-        for conversation in conversations:
+        for conversation in _conversations(messages):
             text = tokenizer.apply_chat_template(
                 list(conversation), add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template)
@@ -249,19 +281,47 @@ class LLM:
         self.last_result = self.engine.run(_unique_ids(workload), keep_requests=keep_requests)
         return self.last_result
 
-    def _completion(self, req: Request) -> CompletionOutput:
+    def _completion(self, req: Request, index: int) -> CompletionOutput:
         ids = list(req.output_token_ids)
-        tokenizer = self.get_tokenizer()
-        text = tokenizer.decode(ids, skip_special_tokens=req.sampling.skip_special_tokens) if ids else ""
+        params = req.sampling
+        if isinstance(req.stop_reason, str):  # a stop string: the text as cut at commit
+            text = req.output_text
+        else:
+            text = (self.get_tokenizer().decode(ids, skip_special_tokens=params.skip_special_tokens)
+                    if ids else "")
+        ranked = params.best_of is not None and params.best_of > params.n
         return CompletionOutput(
-            index=req.sample_index,
+            index=index,
             text=text,
             token_ids=ids,
-            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            cumulative_logprob=(req.cumulative_logprob
+                                if req.logprobs is not None or ranked else None),
             logprobs=req.logprobs,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason if req.stop_reason is not None else req.reject_reason,
         )
+
+    def _prompt_logprobs(self, req: Request) -> list[dict[int, Logprob] | None] | None:
+        """vLLM's `prompt_logprobs`: None for the first token, then each prompt token's raw
+        log-probability given the tokens before it, with the `prompt_logprobs` most likely.
+        One full forward of the prompt by the functional model (outside the simulated clock:
+        the engine's cost of the extra logits, `[n_prompt, n_vocab]` through the LM head, is
+        not charged)."""
+        num_top = req.sampling.prompt_logprobs
+        model = self.engine.functional_model
+        if num_top is None or model is None or req.prompt_token_ids is None:
+            return None
+        ids = list(req.prompt_token_ids)
+        logits = model.forward(np.asarray(ids, dtype=np.int64))  # [n_prompt, n_vocab]
+        lp = log_softmax(logits[:-1])  # [n_prompt - 1, n_vocab]: row i predicts token i + 1
+        out: list[dict[int, Logprob] | None] = [None]
+        for row, token in zip(lp, ids[1:], strict=True):
+            order = np.argsort(-row, kind="stable")  # [n_vocab]
+            ranks = np.empty_like(order)  # [n_vocab]
+            ranks[order] = np.arange(1, order.size + 1)
+            chosen = {int(t) for t in order[:num_top]} | {token}
+            out.append({t: Logprob(logprob=float(row[t]), rank=int(ranks[t])) for t in chosen})
+        return out
 
     def _beam_completion(self, index: int, beam: Any) -> CompletionOutput:
         """One beam of a beam search (`sim.model.beam_search.BeamSequence`), best first."""
@@ -271,29 +331,64 @@ class LLM:
                                 logprobs=None, finish_reason=beam.finish_reason)
 
     def _output(self, samples: list[Request]) -> RequestOutput:
-        """One prompt's `RequestOutput` from its samples (one unless `n > 1`), sample 0 first;
-        times span all samples (first token of any, last token and finish of all)."""
+        """One prompt's `RequestOutput` from its samples (one unless `n > 1` or `best_of`),
+        sample 0 first; times span all samples (first token of any, last token and finish of
+        all). With `best_of > n` the `n` samples of highest cumulative log-probability are
+        returned, best first (vLLM v0), re-indexed 0..n-1."""
         req = samples[0]
         ran = all(r.status is Status.FINISHED for r in samples)
         beams = group_of(req).result if req.beam is not None and ran else None
-        last_s = max((r.token_times_s[-1] for r in samples if r.token_times_s),
-                     default=req.arrival_s)
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_s,
-            last_token_time=last_s,
-            first_scheduled_time=req.first_scheduled_s if ran else None,
-            first_token_time=min(r.first_token_s for r in samples) if ran else None,
-            time_in_queue=req.first_scheduled_s - req.arrival_s if ran else None,
-            finished_time=max(r.finished_s for r in samples) if ran else None,
-        )
+        metrics = _metrics(samples, ran)
+        params = req.sampling
+        kept = samples
+        if params.best_of is not None and params.best_of > params.n and ran:
+            kept = sorted(samples, key=lambda r: -r.cumulative_logprob)[: params.n]
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            outputs=([self._completion(r) for r in samples] if not beams
+            outputs=([self._completion(r, i) for i, r in enumerate(kept)] if not beams
                      else [self._beam_completion(i, b) for i, b in enumerate(beams)]),
             finished=True,
             metrics=metrics,
             num_cached_tokens=req.num_cached_tokens,
             reject_reason=req.reject_reason,
+            prompt_logprobs=self._prompt_logprobs(req) if ran else None,
         )
+
+
+def _metrics(samples: list[Request], ran: bool) -> RequestMetrics:
+    """vLLM v0's and v1's per-request metrics of one prompt's samples."""
+    req = samples[0]
+    last_s = max((r.token_times_s[-1] for r in samples if r.token_times_s),
+                 default=req.arrival_s)
+    metrics = RequestMetrics(
+        arrival_time=req.arrival_s,
+        last_token_time=last_s,
+        first_scheduled_time=req.first_scheduled_s if ran else None,
+        first_token_time=min(r.first_token_s for r in samples) if ran else None,
+        time_in_queue=req.first_scheduled_s - req.arrival_s if ran else None,
+        finished_time=max(r.finished_s for r in samples) if ran else None,
+        num_prompt_tokens=req.num_prompt_tokens,
+        num_cached_tokens=req.num_cached_tokens,
+    )
+    if not ran:
+        return metrics
+    num_generated = sum(r.num_output_tokens for r in samples)
+    scheduled_s = req.first_scheduled_s
+    first_s = min(r.first_token_s for r in samples)
+    metrics.num_generation_tokens = num_generated
+    metrics.queued_ts = req.arrival_s
+    metrics.scheduled_ts = scheduled_s
+    metrics.first_token_ts = first_s
+    metrics.last_token_ts = last_s
+    metrics.first_token_latency = first_s - req.arrival_s
+    metrics.e2e_latency = max(r.finished_s for r in samples) - req.arrival_s
+    metrics.queued_time = scheduled_s - req.arrival_s
+    metrics.prefill_time = first_s - scheduled_s
+    metrics.decode_time = last_s - first_s
+    metrics.inference_time = last_s - scheduled_s
+    # v1: decode time over the tokens after the first (0 for a one-token output)
+    metrics.mean_time_per_output_token = (metrics.decode_time / (num_generated - 1)
+                                          if num_generated > 1 else 0.0)
+    return metrics

@@ -28,15 +28,35 @@ from cache.kv_eviction import EvictingModel, KVEviction
 from sim.core.dtypes import FloatArray
 from sim.core.errors import InfersimError
 from sim.core.protocols import KVStore
-from sim.core.request import Logprob, Request
+from sim.core.request import Logprob, Request, SamplingParams
 from sim.core.step import ScheduledSeq, StepPlan, StepResult
 from sim.model.kv_quant import kv_codec
 from sim.model.kv_store import ContiguousKVStore
 from sim.model.numpy_model import NumpyModel, SeqChunk
 from sim.model.paged_store import PagedKVStore
-from sim.model.sampling import sample_token, token_logprobs
+from sim.model.sampling import process_logits, sample_token, token_logprobs
 
 LogprobEntry = tuple[float, dict[int, Logprob]]
+
+
+def sample_next(request: Request, row: FloatArray) -> int:
+    """The request's next token from its raw logits row `[n_vocab]`: its logits processors
+    (penalties over its own prompt and output tokens, bias, bans; `sim.model.sampling`), then
+    its sampler on its own random stream. Nothing here reads another request, so the token is
+    the same alone or in any batch."""
+    params = request.sampling
+    if params.processes_logits:
+        row = process_logits(row, params, request.prompt_token_ids or (),
+                             request.output_token_ids, request.bad_words_token_ids)
+    return sample_token(row, params, request.rng)
+
+
+def num_logprobs(params: SamplingParams) -> int | None:
+    """How many top log-probabilities to report per token (None: none). `best_of` ranks samples
+    by cumulative log-probability, so it needs at least the sampled token's."""
+    if params.logprobs is None and params.best_of is not None and params.best_of > 1:
+        return 0
+    return params.logprobs
 
 
 class SequenceKVStore(KVStore, Protocol):
@@ -153,8 +173,8 @@ class NumpyExecutor:
             if i in drafts:  # rows: [len(out), n_vocab], those the tokens came from
                 out, rows = spec.verify(s, drafts[i], rows, self.store)
             elif chunk.num_logits:
-                out = (sample_token(rows[0], s.request.sampling, s.request.rng),)
-            want = s.request.sampling.logprobs
+                out = (sample_next(s.request, rows[0]),)
+            want = num_logprobs(s.request.sampling)
             entries.append(tuple(token_logprobs(rows[j], t, want) if want is not None else None
                                  for j, t in enumerate(out)))
             tokens.append(out[-1] if out else -1)
@@ -200,10 +220,9 @@ class NumpyExecutor:
                 tokens.append(-1)
                 logprobs.append(None)
                 continue
-            params = seq.request.sampling
-            token = sample_token(row, params, seq.request.rng)
+            token = sample_next(seq.request, row)
             tokens.append(token)
-            want = params.logprobs
+            want = num_logprobs(seq.request.sampling)
             logprobs.append(token_logprobs(row, token, want) if want is not None else None)
         return StepResult(tuple(tokens), tuple(logprobs))
 
