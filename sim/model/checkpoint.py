@@ -141,16 +141,16 @@ class SafetensorsFile:
                 or not 0 <= offsets[0] <= offsets[1]):
             raise ConfigError(f"{where}: corrupt data_offsets {str(offsets)[:200]} (needs "
                               "[begin, end] with 0 <= begin <= end)")
+        begin, end = offsets
+        if end > data_bytes:
+            raise ConfigError(f"{where}: truncated file (its data ends at byte {end} of the data "
+                              f"section, which holds {data_bytes} bytes)")
         num_bytes = DTYPES[dtype].itemsize
         for n in shape:  # Python ints: no overflow, and stop as soon as it exceeds the file
             num_bytes *= n
             if num_bytes > data_bytes:
                 raise ConfigError(f"{where}: shape {shape} of {dtype} needs more bytes than the "
                                   f"file's {data_bytes} bytes of data (a corrupt header)")
-        begin, end = offsets
-        if end > data_bytes:
-            raise ConfigError(f"{where}: truncated file (its data ends at byte {end} of the data "
-                              f"section, which holds {data_bytes} bytes)")
         if end - begin != num_bytes:
             raise ConfigError(f"{where}: corrupt header (offsets {begin}..{end} hold "
                               f"{end - begin} bytes; shape {shape} of {dtype} needs {num_bytes})")

@@ -241,6 +241,8 @@ class GGUFFile:
 class GGUFTensorSource:
     """`GGUFFile`'s tensors as a `TensorSource` (has / get / where) in transformers' names."""
 
+    config_origin = "the GGUF metadata"
+
     def __init__(self, gguf_file: GGUFFile) -> None:
         self.file = gguf_file
 
