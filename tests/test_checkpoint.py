@@ -92,9 +92,11 @@ def test_fused_moe_layout(tmp_path: Path) -> None:
 
 def test_load_functional_model_reads_a_folder(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, LLAMA, _model(LLAMA).state_dict(), "F32")
-    model, tok = load_functional_model(tmp_path, dtype="float64")
+    with pytest.raises(ConfigError, match=r"no tokenizer\.json.*40-token.*tokenizer='byte'"):
+        load_functional_model(tmp_path, dtype="float64")  # no tokenizer.json in the folder
+    model, tok = load_functional_model(tmp_path, dtype="float64", tokenizer="byte")
     assert model.config.n_vocab == 40 and model.dtype == np.float64
-    assert type(tok).__name__ == "ByteTokenizer"  # no tokenizer.json in the folder
+    assert type(tok).__name__ == "ByteTokenizer"  # the explicit opt-in
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -104,7 +104,7 @@ def test_local_checkpoint_folder_runs_real_weights(tmp_path):
                               dtype="float64")
     save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict().items()},
               str(tmp_path / "model.safetensors"))
-    llm = LLM(model=str(tmp_path), dtype="float64", hardware="l4")
+    llm = LLM(model=str(tmp_path), dtype="float64", hardware="l4", tokenizer="byte")
     ids = [256, 10, 20, 30, 40]
     out = llm.generate({"prompt_token_ids": ids},
                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]

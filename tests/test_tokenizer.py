@@ -73,9 +73,11 @@ def test_hf_tokenizer_wrapper(tmp_path: Path) -> None:
     assert tok.encode("hello", add_bos=False)[0] != 0
 
 
-def test_load_tokenizer_falls_back_to_bytes(tmp_path: Path) -> None:
+def test_load_tokenizer_bytes_only_without_a_checkpoint_or_by_opt_in(tmp_path: Path) -> None:
     assert isinstance(load_tokenizer(None), ByteTokenizer)
-    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    with pytest.raises(ConfigError, match=r"no tokenizer\.json.*--tokenizer byte"):
+        load_tokenizer(tmp_path)  # a checkpoint folder without its tokenizer
+    assert isinstance(load_tokenizer(tmp_path, tokenizer="byte"), ByteTokenizer)
 
 
 def test_missing_tokenizers_package_is_explained(tmp_path: Path,

@@ -50,6 +50,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="functional", choices=choices("mode"),
                    help="functional: real NumPy tokens; timing: token counts only (fast)")
     g.add_argument("--seed", type=int, default=0, help="seed of workload and sampling")
+    g.add_argument("--tokenizer", default=None, metavar="byte|PATH",
+                   help="functional mode: the tokenizer (default: the model's own; a checkpoint "
+                        "without tokenizer.json is refused): 'byte' opts in to byte ids, or a "
+                        "folder holding tokenizer.json")
     g.add_argument("--kv-cache", default="paged", choices=choices("kv_cache"),
                    help="paged (default, vLLM): blocks of --block-size tokens allocated as "
                         "requests grow; contiguous: one reservation per request (see "

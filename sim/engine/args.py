@@ -249,6 +249,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     functional_model: str | None = None
+    # the functional model's tokenizer (vLLM's name): None = the model's own (a checkpoint
+    # without tokenizer.json is refused), "byte" = opt in to byte ids, or a tokenizer.json path
+    tokenizer: str | None = None
     # model parallelism (the parallel issue; vLLM's names, plus the DP router, ours)
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -300,6 +303,9 @@ class EngineArgs:
         if self.quantization is not None:  # validates the group size for the method
             QuantSpec(self.quantization, self.quantization_group_size)
         check_ranges(self)
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            raise ConfigError(f"tokenizer must be None, 'byte' or a path to a tokenizer.json "
+                              f"folder, got {self.tokenizer!r}")
         check_compatible(self)  # combinations of settings: the rules of sim.engine.compat
         self.eviction()  # validates the eviction policy and its sizes
 

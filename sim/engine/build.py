@@ -71,7 +71,7 @@ def build_functional(engine: Engine) -> tuple[Any, Any, frozenset[int], str]:
 
     args = engine.args
     model, tokenizer = load_functional_model(args.functional_model or args.model,
-                                             dtype=args.functional_dtype)
+                                             dtype=args.functional_dtype, tokenizer=args.tokenizer)
     eos = frozenset(e for e in {tokenizer.eos_token_id, *model.config.eos_token_ids}
                     if e is not None)
     if engine.quantization is not None:

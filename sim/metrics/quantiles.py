@@ -13,6 +13,16 @@ quantiles equal `np.percentile`'s default linear interpolation, as vLLM reports)
 folds everything into a `LogHistogram`. Count, mean, std, min and max are always exact (mean and
 variance are merged per batch with Chan et al.'s parallel update).
 
+Why ours and not a library (decided for issue 17): `ddsketch` (Datadog's Python DDSketch) uses
+the same logarithmic mapping and gives the same estimates to 1e-13 on a million lognormal
+latencies, but adds values one Python call at a time (0.83 s per million values against 0.09 s
+for one `np.bincount` here, measured on this project's machine) and pulls in `six`; t-digest
+libraries (`tdigest`, `fastdigest`) bound the *rank* error, not the relative value error that a
+p99 TPOT needs in a heavy tail; `hdrhistogram` records integers (a unit scaling to pick) one
+value at a time. The sketch is ~60 lines, and `tests/test_quantiles.py` checks it against
+`numpy.quantile(method="lower")` on exponential, lognormal, Pareto, half-Cauchy, zero-inflated and
+bimodal samples at every half percentile, within the stated relative error.
+
 References:
     Masson, Rim & Lee, "DDSketch: A Fast and Fully-Mergeable Quantile Sketch with Relative-Error
     Guarantees", VLDB 2019. Tene, HdrHistogram (log-bucketed latency histograms).

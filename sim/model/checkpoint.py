@@ -1,17 +1,31 @@
-"""Reading Hugging Face safetensors checkpoints without torch.
+"""Reading Hugging Face safetensors checkpoints without torch, through the `safetensors` library.
 
 The safetensors format is an 8-byte little-endian header length N, then N bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`), then the raw
-little-endian tensor data, offsets relative to the end of the header. This reader memory-maps
-the file and views tensors in place, so a checkpoint is read lazily. `BF16` (which NumPy lacks) is
-widened exactly to float32 by shifting its 16 bits into the high half of a float32.
+little-endian tensor data, offsets relative to the end of the header.
+
+`safetensors.safe_open(path, framework="numpy")` (the format's reference implementation, in Rust)
+opens and validates every file: header bounds, UTF-8 JSON, known dtypes, offsets that tile the data
+exactly (no gap, no overlap, nothing past the end), shape x dtype = bytes without overflow. It reads
+every tensor NumPy has a dtype for. Two things stay ours:
+
+* **BF16.** NumPy has no bfloat16; the library's NumPy backend raises `TypeError: data type
+  'bfloat16' not understood` for such a tensor (it needs the `ml_dtypes` package to register one).
+  Rather than a dependency for one dtype, a BF16 tensor is viewed in place (memory-mapped, at the
+  offsets the library has validated) as uint16 and widened exactly to float32 by shifting its 16
+  bits into the high half (`bf16_to_float32`).
+* **Messages.** Before the library sees a file, its header is checked entry by entry so that a
+  negative or overflowing shape, offsets past the end of the file, an unknown dtype or a missing
+  field is reported naming the file, the tensor and the problem (the library's own messages do not
+  always name the tensor); whatever the library refuses beyond that is re-raised as a
+  `ConfigError` naming the file. No tensor is allocated before its bytes are known to be in the
+  file, so a corrupt header can never ask for a huge allocation.
 
 A checkpoint folder holds `model.safetensors`, or shards listed in
-`model.safetensors.index.json` (`{"weight_map": {tensor name: shard file}}`). Every malformed
-input raises `ConfigError` naming the file and, where it applies, the tensor.
+`model.safetensors.index.json` (`{"weight_map": {tensor name: shard file}}`).
 
-References: the safetensors format specification (huggingface/safetensors README); Hugging Face
-transformers sharded-checkpoint index (`model.safetensors.index.json`).
+References: the safetensors format specification and library (huggingface/safetensors: README,
+`safe_open`); Hugging Face transformers sharded-checkpoint index (`model.safetensors.index.json`).
 """
 
 from __future__ import annotations
@@ -22,14 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from sim.core.errors import ConfigError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# safetensors dtype tag -> NumPy dtype of the stored bits (BF16 is widened separately)
-_DTYPES: dict[str, np.dtype] = {
+#: safetensors dtype tag -> NumPy dtype of the stored bits (BF16 is widened to float32 on read)
+DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -41,7 +56,15 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: dtypes the format defines that this reader refuses, with the reason
+_REFUSED = {
+    "F8_E4M3": "FP8 checkpoints carry per-tensor scales (weight_scale) that this loader does not "
+               "apply; load the bf16/fp16 checkpoint and use --quantization fp8 instead",
+    "F8_E5M2": "FP8 checkpoints carry per-tensor scales (weight_scale) that this loader does not "
+               "apply; load the bf16/fp16 checkpoint and use --quantization fp8 instead",
+}
+#: the library's own limit on the JSON header (safetensors `MAX_HEADER_SIZE`, 100 MB)
+MAX_HEADER_BYTES = 100_000_000
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -49,59 +72,88 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class SafetensorsFile:
-    """One `.safetensors` file: its header parsed, its data memory-mapped on first use."""
+    """One `.safetensors` file: its header checked, then opened with `safetensors.safe_open`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.header, self._data_start = self._read_header()
-        self._mmap: np.memmap | None = None
+        try:
+            self._handle = safe_open(str(self.path), framework="numpy")
+        except SafetensorError as exc:  # what the per-entry checks do not catch (gaps, overlaps)
+            raise ConfigError(f"{self.path}: corrupt safetensors file: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read safetensors file: {exc}") from exc
+        self._mmap: np.memmap | None = None  # BF16 tensors only
 
     def _read_header(self) -> tuple[dict[str, dict[str, Any]], int]:
         try:
+            file_bytes = self.path.stat().st_size
             with self.path.open("rb") as f:
                 size_bytes = f.read(8)
                 if len(size_bytes) < 8:
-                    raise ConfigError(f"{self.path}: truncated safetensors file (no 8-byte "
-                                      "header length)")
+                    raise ConfigError(f"{self.path}: truncated safetensors file ({len(size_bytes)} "
+                                      "bytes; the format starts with an 8-byte header length)")
                 (header_len,) = struct.unpack("<Q", size_bytes)
-                if header_len > _MAX_HEADER_BYTES:
-                    raise ConfigError(f"{self.path}: corrupt safetensors header (claims "
-                                      f"{header_len} bytes of header)")
+                if header_len > min(MAX_HEADER_BYTES, file_bytes - 8):
+                    problem = ("truncated file" if header_len <= MAX_HEADER_BYTES
+                               else "corrupt header")
+                    raise ConfigError(f"{self.path}: {problem}: the header claims {header_len} "
+                                      f"bytes but the file holds {file_bytes} (and the format "
+                                      f"allows at most {MAX_HEADER_BYTES})")
                 raw = f.read(header_len)
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot read safetensors file: {exc}") from exc
-        if len(raw) < header_len:
-            raise ConfigError(f"{self.path}: truncated safetensors file (header cut short)")
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{self.path}: corrupt safetensors header (not JSON): {exc}") from exc
+            raise ConfigError(f"{self.path}: corrupt safetensors header (not UTF-8 JSON): "
+                              f"{exc}") from exc
         if not isinstance(header, dict):
-            raise ConfigError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+            raise ConfigError(f"{self.path}: corrupt safetensors header (a JSON "
+                              f"{type(header).__name__}, not an object of tensors)")
         header.pop("__metadata__", None)
         data_start = 8 + header_len
-        data_len = self.path.stat().st_size - data_start
         for name, info in header.items():
-            self._check_entry(name, info, data_len)
+            self._check_entry(name, info, file_bytes - data_start)
         return header, data_start
 
-    def _check_entry(self, name: str, info: Any, data_len: int) -> None:
+    def _check_entry(self, name: str, info: object, data_bytes: int) -> None:
+        """Refuse one header entry, naming the tensor, unless it describes bytes in the file."""
         where = f"{self.path}: tensor {name!r}"
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            num = int(np.prod(shape, dtype=np.int64))
-        except (TypeError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{where}: corrupt header entry {info!r}") from exc
-        if dtype not in _DTYPES:
-            raise ConfigError(f"{where}: unsupported dtype {dtype!r}; supported: "
-                              f"{', '.join(_DTYPES)}")
-        if end - begin != num * _DTYPES[dtype].itemsize or begin < 0:
-            raise ConfigError(f"{where}: corrupt header (offsets {begin}..{end} do not hold "
-                              f"shape {shape} of {dtype})")
-        if end > data_len:
-            raise ConfigError(f"{where}: truncated file (data ends at byte {end} but the file "
-                              f"holds {data_len} bytes of data)")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ConfigError(f"{where}: corrupt header entry {str(info)[:200]} (needs 'dtype', "
+                              "'shape' and 'data_offsets')")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype in _REFUSED:
+            raise ConfigError(f"{where}: dtype {dtype} is not supported: {_REFUSED[dtype]}")
+        if dtype not in DTYPES:
+            raise ConfigError(f"{where}: unknown or unsupported dtype {str(dtype)[:40]!r}; "
+                              f"supported: {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise ConfigError(f"{where}: corrupt shape {str(shape)[:200]} (needs a list of "
+                              "non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ConfigError(f"{where}: corrupt data_offsets {str(offsets)[:200]} (needs "
+                              "[begin, end] with 0 <= begin <= end)")
+        begin, end = offsets
+        if end > data_bytes:
+            raise ConfigError(f"{where}: truncated file (its data ends at byte {end} of the data "
+                              f"section, which holds {data_bytes} bytes)")
+        num_bytes = DTYPES[dtype].itemsize
+        for n in shape:  # Python ints: no overflow, and stop as soon as it exceeds the file
+            num_bytes *= n
+            if num_bytes > data_bytes:
+                raise ConfigError(f"{where}: shape {shape} of {dtype} needs more bytes than the "
+                                  f"file's {data_bytes} bytes of data (a corrupt header)")
+        if end - begin != num_bytes:
+            raise ConfigError(f"{where}: corrupt header (offsets {begin}..{end} hold "
+                              f"{end - begin} bytes; shape {shape} of {dtype} needs {num_bytes})")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -111,18 +163,22 @@ class SafetensorsFile:
         info = self.header.get(name)
         if info is None:
             raise ConfigError(f"{self.path}: no tensor {name!r} in this file")
+        if info["dtype"] != "BF16":
+            try:
+                return self._handle.get_tensor(name)  # stored shape
+            except (SafetensorError, OSError) as exc:
+                raise ConfigError(f"{self.path}: tensor {name!r}: cannot read: {exc}") from exc
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = info["data_offsets"]
         raw = self._mmap[self._data_start + begin: self._data_start + end]  # [n_bytes]
-        arr = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])  # stored shape
-        if info["dtype"] == "BF16":
-            return bf16_to_float32(arr)
-        return arr
+        return bf16_to_float32(raw.view(DTYPES["BF16"]).reshape(info["shape"]))  # stored shape
 
 
 class CheckpointReader:
     """The tensors of a Hugging Face checkpoint folder, by name, across shards."""
+
+    config_origin = "config.json"
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)

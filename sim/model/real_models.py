@@ -30,7 +30,7 @@ from sim.core.model_config import ModelConfig
 from sim.model.gguf import GGUFFile, GGUFTensorSource
 from sim.model.gguf_tokenizer import GGUFTokenizer
 from sim.model.numpy_model import NumpyModel, _model_dtype
-from sim.model.tokenizer import ByteTokenizer
+from sim.model.tokenizer import BYTE_TOKENIZER, ByteTokenizer, HFTokenizer, load_tokenizer
 from sim.model.weights import ModelWeights, build_weights
 
 _TOKENIZER_KEYS = (
@@ -139,25 +139,39 @@ def _load_weights(path: str, mtime_ns: int, dtype: str, name: str | None
     return config, weights, gguf_file.rope_freq_divisors(), tokenizer
 
 
-def load_gguf_model(path: str | Path, dtype: str = "float32", name: str | None = None
-                    ) -> tuple[NumpyModel, GGUFTokenizer | ByteTokenizer]:
-    """The NumPy model (weights dequantized to `dtype`) and tokenizer of a `.gguf` file."""
+def load_gguf_model(path: str | Path, dtype: str = "float32", name: str | None = None,
+                    tokenizer: str | Path | None = None
+                    ) -> tuple[NumpyModel, GGUFTokenizer | ByteTokenizer | HFTokenizer]:
+    """The NumPy model (weights dequantized to `dtype`) and tokenizer of a `.gguf` file.
+
+    `tokenizer=None` takes the tokenizer from the file's metadata and refuses a file without one
+    (as `sim.model.tokenizer.load_tokenizer` refuses a checkpoint folder without tokenizer.json);
+    `"byte"` opts in to the byte tokenizer; a path takes a tokenizer.json from there.
+    """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"{path}: no such GGUF file")
     dt = _model_dtype(dtype)
-    config, weights, divisors, tokenizer = _load_weights(
+    config, weights, divisors, gguf_tokenizer = _load_weights(
         str(path), path.stat().st_mtime_ns, dt.name, name)
     model = NumpyModel(config, weights, dt.name)
     if divisors is not None:  # Llama 3.1 frequency scaling, stored as divisors
         model.inv_freq = model.inv_freq / divisors.astype(dt)  # [d_head // 2]
-    return model, tokenizer if tokenizer is not None else ByteTokenizer()
+    if tokenizer is not None:
+        return model, load_tokenizer(None, config, tokenizer)
+    if gguf_tokenizer is None:
+        raise ConfigError(
+            f"{path}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens): the byte "
+            f"tokenizer's ids 0..257 are not the tokens of its {config.n_vocab}-token vocabulary. "
+            "Pass the model's tokenizer.json with tokenizer=PATH (--tokenizer PATH), or opt in "
+            f"to byte ids with tokenizer={BYTE_TOKENIZER!r} (--tokenizer {BYTE_TOKENIZER})")
+    return model, gguf_tokenizer
 
 
-def load_real_model(name: str, dtype: str = "float32"
-                    ) -> tuple[NumpyModel, GGUFTokenizer | ByteTokenizer]:
+def load_real_model(name: str, dtype: str = "float32", tokenizer: str | Path | None = None
+                    ) -> tuple[NumpyModel, GGUFTokenizer | ByteTokenizer | HFTokenizer]:
     """The real weights of a registered model (e.g. SmolLM2-135M-Instruct) and its tokenizer."""
     path = weights_path(name)  # raises a clear error when unknown or not installed
     model = real_model(name)
     assert model is not None
-    return load_gguf_model(path, dtype, name=model.name)
+    return load_gguf_model(path, dtype, name=model.name, tokenizer=tokenizer)

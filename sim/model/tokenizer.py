@@ -7,6 +7,13 @@ small interface; its BOS/EOS ids come from `tokenizer_config.json` when it names
 from the model config. Both add BOS themselves (never the tokenizer's post-processor) so that
 `encode(text, add_bos=True)` means the same thing for both.
 
+A real checkpoint is never silently paired with the byte tokenizer: a folder without
+`tokenizer.json` is refused (its 32k-token model would be fed byte ids 0..257, which are not its
+tokens), unless the caller opts in with `tokenizer="byte"` (`EngineArgs(tokenizer="byte")`,
+`--tokenizer byte`). `tokenizer=PATH` takes the tokenizer from another folder (or a
+`tokenizer.json` file), as vLLM's `--tokenizer` does. A tokenizer with more tokens than the
+model's vocabulary is refused too: it is not this model's tokenizer.
+
 References: Xue et al. 2022 (ByT5: byte-level models); Hugging Face `tokenizers`
 (tokenizer.json) and transformers `tokenizer_config.json`.
 """
@@ -129,9 +136,48 @@ class HFTokenizer:
         return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
 
 
-def load_tokenizer(folder: str | Path | None,
-                   config: ModelConfig | None = None) -> ByteTokenizer | HFTokenizer:
-    """`HFTokenizer` when `folder` has tokenizer.json, else the byte tokenizer."""
-    if folder is not None and (Path(folder) / TOKENIZER_FILE).is_file():
-        return HFTokenizer(folder, config)
-    return ByteTokenizer()
+#: `tokenizer=` value that opts a checkpoint without tokenizer.json into the byte tokenizer
+BYTE_TOKENIZER = "byte"
+
+
+def check_vocab(tokenizer: ByteTokenizer | HFTokenizer, config: ModelConfig | None,
+                where: str) -> None:
+    """Refuse a tokenizer whose ids would run past the model's embedding table."""
+    if config is not None and tokenizer.vocab_size > config.n_vocab:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                          f"model's vocabulary (vocab_size) is {config.n_vocab}: it is not this "
+                          "model's tokenizer; pass the model's own with tokenizer=PATH")
+
+
+def load_tokenizer(folder: str | Path | None, config: ModelConfig | None = None,
+                   tokenizer: str | Path | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer of checkpoint `folder` (see the module doc for `tokenizer=`).
+
+    `tokenizer=None`: `folder`'s tokenizer.json, refused when it has none (`folder=None`, no
+    checkpoint at all, gives the byte tokenizer); `"byte"`: the byte tokenizer; a path: the
+    tokenizer.json there.
+    """
+    if tokenizer is not None and str(tokenizer) == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    if tokenizer is not None:
+        path = Path(str(tokenizer)).expanduser()
+        source = path.parent if path.name == TOKENIZER_FILE else path
+        if not (source / TOKENIZER_FILE).is_file():
+            raise ConfigError(f"tokenizer={str(tokenizer)!r}: no {TOKENIZER_FILE} there; pass a "
+                              f"folder holding {TOKENIZER_FILE}, the file itself, or "
+                              f"{BYTE_TOKENIZER!r} for the byte tokenizer")
+        tok = HFTokenizer(source, config)
+        check_vocab(tok, config, str(source / TOKENIZER_FILE))
+        return tok
+    if folder is None:
+        return ByteTokenizer()
+    if not (Path(folder) / TOKENIZER_FILE).is_file():
+        vocab = f"its {config.n_vocab}-token vocabulary" if config is not None else "its vocabulary"
+        raise ConfigError(
+            f"{folder}: no {TOKENIZER_FILE}: the byte tokenizer's ids 0..257 are not the tokens "
+            f"of {vocab}, so text would be silently mistranslated. Copy the model's "
+            f"{TOKENIZER_FILE} into the folder, pass tokenizer=PATH (--tokenizer PATH), or opt "
+            f"in to byte ids with tokenizer={BYTE_TOKENIZER!r} (--tokenizer {BYTE_TOKENIZER})")
+    tok = HFTokenizer(folder, config)
+    check_vocab(tok, config, str(Path(folder) / TOKENIZER_FILE))
+    return tok

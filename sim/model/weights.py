@@ -30,6 +30,9 @@ from sim.core.model_config import ModelConfig
 class TensorSource(Protocol):
     """Named tensors: a checkpoint reader, or a dict of arrays (`DictSource`)."""
 
+    #: where the config whose shapes the tensors must match comes from, for error messages
+    config_origin: str
+
     def has(self, name: str) -> bool: ...
     def get(self, name: str) -> np.ndarray: ...
     def where(self, name: str | None = None) -> str: ...
@@ -37,6 +40,8 @@ class TensorSource(Protocol):
 
 class DictSource:
     """A `TensorSource` over an in-memory `{name: array}` dict."""
+
+    config_origin = "the model config"
 
     def __init__(self, tensors: dict[str, np.ndarray], label: str = "state dict") -> None:
         self.tensors = tensors
@@ -140,19 +145,59 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------- loading
+def _shape_reason(c: ModelConfig, name: str) -> str:
+    """Which config fields set the expected shape of tensor `name`, for the shape-error message."""
+    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return f"vocab_size={c.n_vocab}, hidden_size={c.n_embd}"
+    if leaf == "q_proj":
+        return f"num_attention_heads={c.n_head} x head_dim={c.d_head}, hidden_size={c.n_embd}"
+    if leaf in ("k_proj", "v_proj"):
+        return f"num_key_value_heads={c.n_kv_head} x head_dim={c.d_head}, hidden_size={c.n_embd}"
+    if leaf == "o_proj":
+        return f"hidden_size={c.n_embd}, num_attention_heads={c.n_head} x head_dim={c.d_head}"
+    if ".experts." in name or "shared_expert" in name:
+        return (f"num_experts={c.n_expert}, moe_intermediate_size={c.moe_n_inner}, "
+                f"shared_expert_intermediate_size={c.shared_expert_n_inner}, "
+                f"hidden_size={c.n_embd}")
+    if name.endswith(".gate.weight"):
+        return f"num_experts={c.n_expert}, hidden_size={c.n_embd}"
+    if leaf in ("gate_proj", "up_proj", "down_proj"):
+        return f"intermediate_size={c.n_inner}, hidden_size={c.n_embd}"
+    return f"hidden_size={c.n_embd}"
+
+
+def _check_finite(arr: np.ndarray, name: str, source: TensorSource) -> None:
+    """Refuse NaN/inf weights at load: they would run, and every logit after them is NaN (the
+    greedy pick of an all-NaN row is token 0, so the output looks like `[0, 0, 0, ...]`)."""
+    if np.isfinite(arr).all():
+        return
+    bad = ~np.isfinite(arr)  # arr.shape
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ConfigError(f"{source.where(name)}: tensor {name!r} has {int(bad.sum())} non-finite "
+                      f"values (NaN or inf; the first at index {first}: {arr[first]}); the "
+                      "checkpoint is corrupt, or a value overflowed the load dtype")
+
+
 def build_weights(config: ModelConfig, source: TensorSource, dtype: np.dtype) -> ModelWeights:
     """Read every tensor `config` needs from `source`, cast to `dtype`, check shapes."""
     c = config
 
     def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor cast to `dtype`, refused unless its shape is `shape` and it is finite."""
         if not source.has(name):
             raise ConfigError(f"{source.where()}: missing tensor {name!r} (shape {shape}) "
                               f"needed by this {c.model_type} config")
         arr = source.get(name)
         if tuple(arr.shape) != shape:
             raise ConfigError(f"{source.where(name)}: tensor {name!r} has shape "
-                              f"{tuple(arr.shape)}, but config.json implies {shape}")
-        return arr
+                              f"{tuple(arr.shape)}, but {source.config_origin} implies {shape} "
+                              f"({_shape_reason(c, name)}); the weights and the config are not "
+                              "of the same model")
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            out = np.array(arr, dtype=dtype)  # shape: an owned copy in the model's dtype
+        _check_finite(out, name, source)
+        return out
 
     def stack(names: list[str], shapes: list[tuple[int, ...]]) -> np.ndarray:
         rows = sum(s[0] for s in shapes)
@@ -164,13 +209,13 @@ def build_weights(config: ModelConfig, source: TensorSource, dtype: np.dtype) ->
         return out
 
     def vec(name: str, n: int) -> np.ndarray:
-        return np.array(fetch(name, (n,)), dtype=dtype)  # [n]
+        return fetch(name, (n,))  # [n]
 
     def dense(prefix: str, n_inner: int, names: tuple[str, str, str], bias: bool
               ) -> DenseMLPWeights:
         gate, up, down = (f"{prefix}.{n}" for n in names)
         w_gate_up = stack([f"{gate}.weight", f"{up}.weight"], [(n_inner, c.n_embd)] * 2)
-        w_down = np.array(fetch(f"{down}.weight", (c.n_embd, n_inner)), dtype=dtype)  # [H, I]
+        w_down = fetch(f"{down}.weight", (c.n_embd, n_inner))  # [H, I]
         if not bias:
             return DenseMLPWeights(w_gate_up, w_down)
         b_gate_up = stack([f"{gate}.bias", f"{up}.bias"], [(n_inner,)] * 2)
@@ -191,18 +236,16 @@ def build_weights(config: ModelConfig, source: TensorSource, dtype: np.dtype) ->
         layers.append(LayerWeights(
             attn_norm=vec(f"{p}.input_layernorm.weight", c.n_embd),
             w_qkv=stack([f"{n}.weight" for n in qkv], qkv_shapes),
-            w_o=np.array(fetch(f"{p}.self_attn.o_proj.weight", (c.n_embd, q_dim)),
-                         dtype=dtype),  # [n_embd, q_dim]
+            w_o=fetch(f"{p}.self_attn.o_proj.weight", (c.n_embd, q_dim)),  # [n_embd, q_dim]
             mlp_norm=vec(f"{p}.post_attention_layernorm.weight", c.n_embd),
             mlp=mlp,
             b_qkv=stack([f"{n}.bias" for n in qkv], [(s[0],) for s in qkv_shapes])
             if c.qkv_bias else None,
             b_o=vec(f"{p}.self_attn.o_proj.bias", c.n_embd) if c.o_bias else None,
         ))
-    embed = np.array(fetch("model.embed_tokens.weight", (c.n_vocab, c.n_embd)),
-                     dtype=dtype)  # [n_vocab, n_embd]
-    lm_head = embed if c.tie_word_embeddings else np.array(
-        fetch("lm_head.weight", (c.n_vocab, c.n_embd)), dtype=dtype)  # [n_vocab, n_embd]
+    embed = fetch("model.embed_tokens.weight", (c.n_vocab, c.n_embd))  # [n_vocab, n_embd]
+    lm_head = embed if c.tie_word_embeddings else fetch(
+        "lm_head.weight", (c.n_vocab, c.n_embd))  # [n_vocab, n_embd]
     return ModelWeights(embed, layers, vec("model.norm.weight", c.n_embd), lm_head)
 
 
@@ -212,16 +255,13 @@ def _build_moe(c: ModelConfig, i: int, source: TensorSource,
     prefixes = (f"model.layers.{i}.mlp", f"model.layers.{i}.block_sparse_moe")
     default_prefix, _ = _moe_names(c, i)
     prefix = next((p for p in prefixes if source.has(f"{p}.gate.weight")), default_prefix)
-    w_router = np.array(fetch(f"{prefix}.gate.weight", (c.n_expert, c.n_embd)),
-                        dtype=dtype)  # [n_expert, n_embd]
+    w_router = fetch(f"{prefix}.gate.weight", (c.n_expert, c.n_embd))  # [n_expert, n_embd]
     inner, n_exp = c.moe_n_inner, c.n_expert
     fused = f"{prefix}.experts.gate_up_proj"
     if source.has(fused) or source.has(fused + ".weight"):
         suffix = "" if source.has(fused) else ".weight"
-        w_gate_up = np.array(fetch(fused + suffix, (n_exp, 2 * inner, c.n_embd)),
-                             dtype=dtype)  # [E, 2 I, H]
-        w_down = np.array(fetch(f"{prefix}.experts.down_proj{suffix}", (n_exp, c.n_embd, inner)),
-                          dtype=dtype)  # [E, H, I]
+        w_gate_up = fetch(fused + suffix, (n_exp, 2 * inner, c.n_embd))  # [E, 2 I, H]
+        w_down = fetch(f"{prefix}.experts.down_proj{suffix}", (n_exp, c.n_embd, inner))  # [E, H, I]
     else:
         e0 = f"{prefix}.experts.0"
         names = ("w1", "w3", "w2") if source.has(f"{e0}.w1.weight") else (
@@ -236,8 +276,7 @@ def _build_moe(c: ModelConfig, i: int, source: TensorSource,
     if c.shared_expert_n_inner:
         shared = dense(f"{prefix}.shared_expert", c.shared_expert_n_inner,
                        ("gate_proj", "up_proj", "down_proj"), False)
-        w_shared_gate = np.array(fetch(f"{prefix}.shared_expert_gate.weight", (1, c.n_embd)),
-                                 dtype=dtype)  # [1, n_embd]
+        w_shared_gate = fetch(f"{prefix}.shared_expert_gate.weight", (1, c.n_embd))  # [1, n_embd]
     return MoEWeights(w_router, w_gate_up, w_down, shared, w_shared_gate)
 
 
