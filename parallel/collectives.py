@@ -65,6 +65,7 @@ __all__ = [
 # vLLM's CustomAllreduce: the group sizes its kernels are compiled for and its default buffer
 CUSTOM_AR_WORLD_SIZES: tuple[int, ...] = (2, 4, 6, 8)
 CUSTOM_AR_MAX_BYTES = 8 * 2**20
+CUSTOM_AR_VENDORS: tuple[str, ...] = ("nvidia", "amd")  # its CUDA and ROCm builds
 # one-shot below these sizes (csrc/custom_all_reduce.cuh), two-shot above
 _ONE_SHOT_MAX_BYTES_4 = 512 * 2**10  # n <= 4
 _ONE_SHOT_MAX_BYTES_8 = 256 * 2**10  # n <= 8
@@ -186,9 +187,14 @@ class Collectives:
 
     @classmethod
     def gpu_link(cls, hardware: HardwareProfile, mode: CommMode | None = None) -> Collectives:
-        """The profile's GPU-GPU link at its calibrated efficiency and per-call costs."""
+        """The profile's GPU-GPU link at its calibrated efficiency and per-call costs. vLLM's
+        custom all-reduce exists for CUDA and ROCm only: on other vendors' devices (Gaudi) every
+        collective is the vendor library's (priced as NCCL)."""
+        mode = CommMode() if mode is None else mode
+        if hardware.vendor not in CUSTOM_AR_VENDORS:
+            mode = CommMode(cuda_graphs=mode.cuda_graphs, custom_all_reduce=False)
         return cls(hardware.gpu_link, hardware.efficiency_for("gpu_link_bandwidth"),
-                   hardware.collectives, CommMode() if mode is None else mode)
+                   hardware.collectives, mode)
 
     # ---------------------------------------------------------------- per call, by implementation
     def _nccl_call_s(self, graphed: bool) -> float:

@@ -168,3 +168,15 @@ def test_eager_fit_beats_the_old_ring_only_fit() -> None:
     assert fit["median_err"] < 0.10  # the ring-only fit had 17%
     assert 20e-6 < fit["nccl_eager_call_s"] < 60e-6  # eager: launch and skew dominate
     assert all(err < 0.15 for err in fit["median_err_by_workers"].values())
+
+
+def test_gaudi_has_no_custom_all_reduce_and_new_profiles_price() -> None:
+    gaudi = Collectives.gpu_link(load_profile("gaudi3"))
+    assert not gaudi.mode.custom_all_reduce  # HCCL runs every collective on Gaudi
+    assert gaudi.all_reduce(8 * KIB, 8).algorithm in ("ring", "tree")
+    b200 = Collectives.gpu_link(load_profile("b200"))
+    h100 = Collectives.gpu_link(load_profile("h100-sxm"))
+    assert b200.all_reduce(64 * 2**20, 8).total_s < h100.all_reduce(64 * 2**20, 8).total_s
+    v100 = Collectives.gpu_link(load_profile("v100-sxm2-32gb"))  # DGX-1 cube mesh: pairs only
+    assert v100.all_reduce(8 * KIB, 2).algorithm == "one_shot"
+    assert v100.all_reduce(8 * KIB, 8).algorithm in ("ring", "tree")
