@@ -55,7 +55,8 @@ def serve(model: str, hardware: str, plan: ParallelPlan,
     for key, shape in shapes.items():
         c = cost.step_cost(shape)
         row[f"{key}_ms"] = round(c.total_s * 1e3, 3)
-        row[f"{key}_comm_%"] = round(100 * c.parts["comm"] / c.total_s, 1)
+        comm_s = c.parts["comm"] + c.parts.get("comm_launch", 0.0)  # transfers + call costs
+        row[f"{key}_comm_%"] = round(100 * comm_s / c.total_s, 1)
     stats = engine.parallel_stats
     row.update({
         "fits": True, "kv_tokens": engine.memory.num_kv_tokens,

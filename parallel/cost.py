@@ -1,9 +1,13 @@
 """The timing of a parallel step: per-GPU compute from `CostModel` plus priced communication.
 
 `ParallelCostModel` wraps a `sim.timing.cost_model.CostModel` built with `tensor_parallel_size = tp`
-(which already divides every GEMM, head and KV read over the tensor-parallel GPUs) and adds the
-`comm` part, all collectives over the profile's `gpu_link` (`parallel.collectives`), with no
-overlap of communication and compute (vLLM's default: the all-reduce sits on the critical path).
+(which already divides every GEMM, head and KV read over the tensor-parallel GPUs) and adds two
+parts: `comm`, the transfers of every collective over the profile's `gpu_link`, and
+`comm_launch`, the fixed cost of every collective call (the launch/graph term), each collective
+run by the implementation vLLM would pick (`parallel.collectives`: the custom all-reduce for
+small messages on fully connected GPUs, NCCL ring/tree otherwise; CUDA graphs for steps of at
+most `CUDA_GRAPH_MAX_TOKENS` tokens unless `enforce_eager`), with no overlap of communication and
+compute (vLLM's default: the all-reduce sits on the critical path).
 For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = padded vocab:
 
 - **TP**: one all-reduce of [T, E] after the vocab-parallel embedding, two per layer (after the
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parallel.collectives import Collectives
+from parallel.collectives import Collectives, CommMode, Priced
 from parallel.plan import ParallelPlan, padded_vocab, stage_layers
 from sim.core.dtypes import FloatArray, IntArray
 from sim.core.errors import ConfigError
@@ -52,31 +56,42 @@ _HEAD_PARTS = ("lm_head", "sampling")  # run on the last pipeline stage
 
 @dataclass(frozen=True)
 class CommBreakdown:
-    """Seconds of each kind of communication in one micro-batch (all stages together)."""
+    """Seconds of each kind of communication in one micro-batch (all stages together): the
+    transfers of each kind, and `launch_s`, the fixed cost of every collective call (eager
+    launches, or graph-replay handshakes; `parallel.collectives.Priced.call_s`)."""
 
     tp_all_reduce_s: float
     ep_all_to_all_s: float
     logits_gather_s: float
     pp_send_recv_s: float
+    launch_s: float = 0.0
+    all_reduce_algorithm: str = "none"  # what the layers' TP all-reduce runs as
+
+    @property
+    def transfer_s(self) -> float:
+        return (self.tp_all_reduce_s + self.ep_all_to_all_s + self.logits_gather_s
+                + self.pp_send_recv_s)
 
     @property
     def total_s(self) -> float:
-        return (self.tp_all_reduce_s + self.ep_all_to_all_s + self.logits_gather_s
-                + self.pp_send_recv_s)
+        return self.transfer_s + self.launch_s
 
 
 class ParallelCostModel:
     """Prices `StepShape`s for `model` on `hardware` split by `plan` (one replica: dp ignored).
 
     A `sim.core.protocols.Pricer`, as `CostModel` is, so the engine uses either.
-    `kv_context_cap_tokens` is `CostModel`'s (the KV eviction budget).
+    `kv_context_cap_tokens` is `CostModel`'s (the KV eviction budget). `comm_mode` says how the
+    collectives run (`parallel.collectives.CommMode`: vLLM's default, CUDA graphs and the custom
+    all-reduce, unless `enforce_eager` / `disable_custom_all_reduce`).
     """
 
     def __init__(self, model: ModelConfig, hardware: HardwareProfile, plan: ParallelPlan,
                  dtype: str | None = None, kv_cache_dtype: str | None = None,
                  step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
                  expert_imbalance: float = 1.0, quantization: QuantSpec | None = None,
-                 kv_context_cap_tokens: int | None = None) -> None:
+                 kv_context_cap_tokens: int | None = None,
+                 comm_mode: CommMode | None = None) -> None:
         plan.check_shapes(model)
         if not expert_imbalance >= 1.0:
             raise ConfigError(f"expert_imbalance is busiest / mean expert-rank load, >= 1; got "
@@ -88,7 +103,8 @@ class ParallelCostModel:
                               kv_context_cap_tokens=kv_context_cap_tokens)
         self.step_overhead_s = float(step_overhead_s)
         self.expert_imbalance = float(expert_imbalance)
-        self.comm = Collectives.gpu_link(hardware)
+        self.comm_mode = CommMode() if comm_mode is None else comm_mode
+        self.comm = Collectives.gpu_link(hardware, self.comm_mode)
         self.act_bytes = float(self.base.dims.act_bytes)
         self.stages = stage_layers(model.n_layer, plan.pp)
         n_moe = [sum(model.is_moe_layer(i) for i in r) for r in self.stages]
@@ -97,7 +113,7 @@ class ParallelCostModel:
         self._vocab = padded_vocab(model.n_vocab, plan.tp)
         # the plain path: no pipeline, no expert imbalance -> base fast path + closed-form comm
         self._simple = plan.pp == 1 and (plan.ep == 1 or expert_imbalance == 1.0)
-        self.part_names = self.base.part_names
+        self.part_names = (*self.base.part_names, "comm_launch")
 
     @property
     def act_dtype(self) -> str:
@@ -105,55 +121,75 @@ class ParallelCostModel:
         return self.base.act_dtype
 
     # ------------------------------------------------------------------ communication
-    def _layer_comm_s(self, num_tokens: int, stage: int) -> tuple[float, float]:
-        """(TP all-reduce seconds, EP all-to-all seconds) of the layers of `stage`."""
+    def _layer_comm(self, num_tokens: int, stage: int) -> tuple[float, float, float, str]:
+        """(TP all-reduce transfer s, EP transfer s, call costs s, all-reduce algorithm) of the
+        layers of `stage` for a step of `num_tokens`."""
         tp, ep, c = self.plan.tp, self.plan.ep, self.comm
         if tp == 1:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0, "none"
+        graphed = self.comm_mode.graphed(num_tokens)
         hidden = num_tokens * self.model.n_embd * self.act_bytes  # [T, E] bytes
-        ar = c.all_reduce_s(hidden, tp)
+        ar = c.all_reduce(hidden, tp, graphed)
         n_moe, n_dense = self._stage_moe[stage], self._stage_dense[stage]
         if ep == 1:
-            return 2 * (n_moe + n_dense) * ar, 0.0
+            n_ar = 2 * (n_moe + n_dense)
+            return n_ar * ar.transfer_s, 0.0, n_ar * ar.call_s, ar.algorithm
         routed = hidden * self.model.n_expert_per_tok / ep  # one rank's dispatched copies
-        ep_s = (c.reduce_scatter_s(hidden, ep) + 2 * c.all_to_all_s(routed, ep)
-                + c.all_gather_s(hidden, ep))
-        return 2 * n_dense * ar, n_moe * ep_s
+        moe = (c.reduce_scatter(hidden, ep, graphed), c.all_to_all(routed, ep, graphed),
+               c.all_to_all(routed, ep, graphed), c.all_gather(hidden, ep, graphed))
+        ep_transfer = sum(p.transfer_s for p in moe)
+        ep_calls = sum(p.call_s for p in moe)
+        return (2 * n_dense * ar.transfer_s, n_moe * ep_transfer,
+                2 * n_dense * ar.call_s + n_moe * ep_calls, ar.algorithm)
+
+    def _head_comm(self, num_tokens: int, num_logits: int) -> tuple[Priced, Priced]:
+        """(the vocab-parallel embedding's all-reduce, the logits' all-gather)."""
+        graphed = self.comm_mode.graphed(num_tokens)
+        hidden = num_tokens * self.model.n_embd * self.act_bytes
+        return (self.comm.all_reduce(hidden, self.plan.tp, graphed),
+                self.comm.all_gather(num_logits * self._vocab * self.act_bytes, self.plan.tp,
+                                     graphed))
 
     def comm_breakdown(self, shape: StepShape) -> CommBreakdown:
         return self._comm(shape.total_new_tokens, shape.total_logits)
 
     def _comm(self, num_tokens: int, num_logits: int) -> CommBreakdown:
-        tp, c = self.plan.tp, self.comm
-        tp_s = ep_s = 0.0
+        tp_s = ep_s = launch_s = 0.0
+        algorithm = "none"
         for s in range(self.plan.pp):
-            a, b = self._layer_comm_s(num_tokens, s)
-            tp_s, ep_s = tp_s + a, ep_s + b
-        hidden = num_tokens * self.model.n_embd * self.act_bytes
-        tp_s += c.all_reduce_s(hidden, tp)  # vocab-parallel embedding
-        logits = c.all_gather_s(num_logits * self._vocab * self.act_bytes, tp)
-        pp_s = (self.plan.pp - 1) * c.send_recv_s(2 * hidden) if self.plan.pp > 1 else 0.0
-        return CommBreakdown(tp_s, ep_s, logits, pp_s)
+            a, b, calls, algorithm = self._layer_comm(num_tokens, s)
+            tp_s, ep_s, launch_s = tp_s + a, ep_s + b, launch_s + calls
+        embed, logits = self._head_comm(num_tokens, num_logits)
+        tp_s += embed.transfer_s
+        launch_s += embed.call_s + logits.call_s
+        pp_s = 0.0
+        if self.plan.pp > 1:
+            send = self.comm.send_recv(2 * num_tokens * self.model.n_embd * self.act_bytes)
+            pp_s, launch_s = (self.plan.pp - 1) * send.transfer_s, \
+                launch_s + (self.plan.pp - 1) * send.call_s
+        return CommBreakdown(tp_s, ep_s, logits.transfer_s, pp_s, launch_s, algorithm)
 
     # ------------------------------------------------------------------ stages
     def stage_times_s(self, shape: StepShape) -> list[float]:
         """Busy seconds of each pipeline stage for one micro-batch of `shape` (compute + its
-        TP/EP collectives; the send to the next stage and the step overhead excluded)."""
+        TP/EP collectives with their call costs; the send to the next stage and the step
+        overhead excluded)."""
         parts = self.base.step_cost(shape).parts
         head = sum(parts.get(p, 0.0) for p in _HEAD_PARTS)
         body = sum(v for k, v in parts.items() if k not in _HEAD_PARTS)
         if self.plan.ep > 1:
             body += (self.expert_imbalance - 1.0) * parts.get("moe", 0.0)
-        n_layer, tp, c = self.model.n_layer, self.plan.tp, self.comm
+        n_layer = self.model.n_layer
         T, R = shape.total_new_tokens, shape.total_logits
-        hidden = T * self.model.n_embd * self.act_bytes
+        embed, logits = self._head_comm(T, R)
         times = []
         for s, layers in enumerate(self.stages):
-            t = body * len(layers) / n_layer + sum(self._layer_comm_s(T, s))
+            a, b, calls, _ = self._layer_comm(T, s)
+            t = body * len(layers) / n_layer + a + b + calls
             if s == 0:
-                t += c.all_reduce_s(hidden, tp)
+                t += embed.total_s
             if s == self.plan.pp - 1:
-                t += head + c.all_gather_s(R * self._vocab * self.act_bytes, tp)
+                t += head + logits.total_s
             times.append(t)
         return times
 
@@ -168,7 +204,9 @@ class ParallelCostModel:
         parts = dict(base.parts)
         if self.plan.ep > 1 and "moe" in parts:
             parts["moe"] *= self.expert_imbalance
-        parts["comm"] = self.comm_breakdown(shape).total_s
+        comm = self.comm_breakdown(shape)
+        parts["comm"] = comm.transfer_s
+        parts["comm_launch"] = comm.launch_s
         parts["overhead"] = self.step_overhead_s
         return StepCost(total_s=float(sum(parts.values())), parts=parts, bound=base.bound,
                         flops=base.flops, bytes=base.bytes)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parallel.collectives import Collectives
+from parallel.collectives import Collectives, CommMode
 from sim.core.errors import ConfigError
 from sim.timing.calibration import default_data_dir, fit_all_reduce
 from sim.timing.hardware import Link, load_profile
@@ -37,9 +37,12 @@ def test_one_gpu_or_no_bytes_costs_nothing():
 
 
 def test_tree_wins_small_messages_and_ring_large_ones():
-    c = Collectives.gpu_link(A100)
-    assert c.all_reduce_s(4096, 8) == c.tree_all_reduce_s(4096, 8) < c.ring_all_reduce_s(4096, 8)
-    assert c.all_reduce_s(64e6, 8) == c.ring_all_reduce_s(64e6, 8) < c.tree_all_reduce_s(64e6, 8)
+    c = Collectives.gpu_link(A100, CommMode(custom_all_reduce=False))
+    small, large = c.all_reduce(4096, 8), c.all_reduce(64e6, 8)
+    assert small.algorithm == "tree" and small.transfer_s == c.tree_all_reduce_s(4096, 8)
+    assert c.tree_all_reduce_s(4096, 8) < c.ring_all_reduce_s(4096, 8)
+    assert large.algorithm == "ring" and large.transfer_s == c.ring_all_reduce_s(64e6, 8)
+    assert c.ring_all_reduce_s(64e6, 8) < c.tree_all_reduce_s(64e6, 8)
 
 
 def test_pcie_collectives_are_slower_than_nvlink():
@@ -69,7 +72,7 @@ def test_all_reduce_prices_stay_within_the_measured_fit_error():
     link) is no worse than `sim.timing.calibration.fit_all_reduce`'s ring fit on Vidur's 8x A100 DGX
     measurements (2-8 GPUs, 2 KB-64 MB)."""
     fit = fit_all_reduce()
-    c = Collectives.gpu_link(A100)
+    c = Collectives.gpu_link(A100, CommMode(cuda_graphs=False, custom_all_reduce=False))
     with DATA.open(newline="") as f:
         rows = [r for r in csv.DictReader(f)
                 if r["rank"] == "0" and r["num_workers"] == r["devices_per_node"]]

@@ -95,9 +95,12 @@ def test_tp_adds_two_all_reduces_per_layer_and_pcie_costs_more():
     shape = StepShape.decode([1000] * 32)
     cm = ParallelCostModel(LLAMA7, A100, ParallelPlan(tp=4))
     comm = cm.comm_breakdown(shape)
-    one = cm.comm.all_reduce_s(32 * 4096 * 2, 4)
-    assert comm.tp_all_reduce_s == pytest.approx((2 * 32 + 1) * one)
-    assert cm.step_cost(shape).parts["comm"] == pytest.approx(comm.total_s)
+    one = cm.comm.all_reduce(32 * 4096 * 2, 4)
+    assert comm.tp_all_reduce_s == pytest.approx((2 * 32 + 1) * one.transfer_s)
+    assert comm.all_reduce_algorithm == "one_shot"  # 256 KiB over 4 NVSwitch GPUs
+    parts = cm.step_cost(shape).parts
+    assert parts["comm"] == pytest.approx(comm.transfer_s)
+    assert parts["comm_launch"] == pytest.approx(comm.launch_s) and comm.launch_s > 0
     big = StepShape.prefill([4096])
     pcie = ParallelCostModel(LLAMA7, L40S, ParallelPlan(tp=4)).comm_breakdown(big)
     assert pcie.total_s > 3 * cm.comm_breakdown(big).total_s

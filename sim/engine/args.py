@@ -257,6 +257,10 @@ class EngineArgs:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     data_parallel_router: str = "round_robin"
+    # how collectives run (vLLM's flags; parallel.collectives): CUDA graphs off (every collective
+    # an eager launch) and vLLM's custom all-reduce off (NCCL for every message)
+    enforce_eager: bool = False
+    disable_custom_all_reduce: bool = False
     # KV cache (the cache issue): paged blocks, prefix caching, contiguous baselines, preemption
     block_size: int = 16
     enable_prefix_caching: bool = False
@@ -297,6 +301,9 @@ class EngineArgs:
         check_types(self)  # every field's type first, so the range checks compare numbers
         for name in CHOICES:
             check_choice(name, getattr(self, name))
+        for name in ("enforce_eager", "disable_custom_all_reduce"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.speculative_config is not None:  # validates the method and its options
             object.__setattr__(self, "speculative_config",
                                SpeculativeConfig.from_any(self.speculative_config))

@@ -35,11 +35,15 @@ def build_cost_model(engine: Engine, kv_dtype: str | None) -> Pricer:
     eviction = engine.args.eviction()
     cap = None if eviction is None else eviction.budget
     if engine.sharded:
+        from parallel.collectives import CommMode
         from parallel.cost import ParallelCostModel
 
+        mode = CommMode.from_flags(engine.args.enforce_eager,
+                                   engine.args.disable_custom_all_reduce)
         return ParallelCostModel(engine.model_config, engine.hardware, engine.plan,
                                  dtype=engine.timing_dtype, kv_cache_dtype=kv_dtype,
-                                 quantization=engine.quantization, kv_context_cap_tokens=cap)
+                                 quantization=engine.quantization, kv_context_cap_tokens=cap,
+                                 comm_mode=mode)
     return CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
                      kv_cache_dtype=kv_dtype, quantization=engine.quantization,
                      kv_context_cap_tokens=cap)

@@ -85,7 +85,8 @@ def evaluate_plan(model: str, hardware: str, plan: ParallelPlan, num_prompts: in
         request_throughput=float(s["request_throughput"]),
         mean_ttft_ms=float(s["mean_ttft_ms"]), mean_tpot_ms=float(s["mean_tpot_ms"]),
         mean_e2e_ms=float(s.get("mean_e2el_ms", math.nan)),
-        decode_comm_share=cost.parts.get("comm", 0.0) / cost.total_s,
+        decode_comm_share=(cost.parts.get("comm", 0.0) + cost.parts.get("comm_launch", 0.0))
+        / cost.total_s,  # transfers and the per-call (launch/graph) term
         bubble_fraction=stats.bubble_fraction() if stats is not None and plan.pp > 1 else 0.0,
     )
 

@@ -173,10 +173,10 @@ def error_table(samples: Samples, predicted_s: np.ndarray) -> dict[str, dict[str
             for name, m in groups.items() if m.any()}
 
 
-def fit_all_reduce(data_dir: Path | None = None, setup: str = "a100_dgx",
-                   profile: str = "a100-sxm4-80gb") -> dict[str, Any]:
-    """Fit a ring all-reduce, t = 2(n-1) x (latency_s + size / n / (link bw x efficiency)), to
-    the measured intra-node all-reduce times of `setup` (bandwidth from `profile`'s gpu_link)."""
+def load_all_reduce(data_dir: Path | None = None,
+                    setup: str = "a100_dgx") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vidur's intra-node all-reduce measurements of `setup`: (GPUs [n_sample], bytes
+    [n_sample], median seconds [n_sample]), rank 0, every GPU of the group on one node."""
     path = (data_dir or default_data_dir()) / "network" / setup / "all_reduce.csv"
     if not path.is_file():
         raise ConfigError(f"no measured all-reduce times at {path}")
@@ -186,16 +186,43 @@ def fit_all_reduce(data_dir: Path | None = None, setup: str = "a100_dgx",
     n = np.array([int(r["num_workers"]) for r in rows])  # [n_sample]
     size = np.array([float(r["size"]) for r in rows])  # [n_sample]
     measured = np.array([float(r["time_stats.all_reduce.median"]) * 1e-3 for r in rows])
+    return n, size, measured
+
+
+def eager_nccl_all_reduce_s(n: np.ndarray, size: np.ndarray, link_bw: float, latency_s: float,
+                            efficiency: float, call_s: float) -> np.ndarray:
+    """An eager NCCL all-reduce [n_sample]: a fixed cost per call plus the faster of ring
+    (2(n-1) steps of size/n) and tree (2 ceil(log2 n) steps of size), as
+    `parallel.collectives.Collectives.all_reduce` prices it with CUDA graphs and the custom
+    all-reduce off (restated here: `sim.timing` sits below `parallel`)."""
+    bw = link_bw * efficiency
+    ring = 2 * (n - 1) * (latency_s + size / n / bw)  # [n_sample]
+    tree = 2 * np.ceil(np.log2(n)) * (latency_s + size / bw)  # [n_sample]
+    return call_s + np.minimum(ring, tree)
+
+
+def fit_all_reduce(data_dir: Path | None = None, setup: str = "a100_dgx",
+                   profile: str = "a100-sxm4-80gb") -> dict[str, Any]:
+    """Fit the eager NCCL all-reduce (`eager_nccl_all_reduce_s`: per-step latency, link
+    efficiency and a per-call cost) to Vidur's measured times of `setup`, by least squares on
+    log(predicted / measured) (bandwidth from `profile`'s gpu_link).
+
+    Vidur measures eager NCCL: `vidur/profiling/collectives` runs `torch.distributed.all_reduce`
+    with CUDA graphs disabled (`DISABLE_GRAPH = True`), 11 back-to-back calls per sample, and
+    times the NCCL kernels with the Kineto profiler; a kernel's time therefore includes waiting
+    for the slowest GPU's launch, which the per-call cost absorbs."""
+    n, size, measured = load_all_reduce(data_dir, setup)
     link_bw = load_profile(profile).gpu_link.bandwidth_bytes_per_s
 
     def model(z: np.ndarray) -> np.ndarray:
-        return 2 * (n - 1) * (z[0] * 1e-6 + size / n / (link_bw * z[1]))  # [n_sample]
+        return eager_nccl_all_reduce_s(n, size, link_bw, z[0] * 1e-6, z[1], z[2] * 1e-6)
 
-    fit = least_squares(lambda z: np.log(model(z) / measured), [2.0, 0.8],
-                        bounds=([0.0, 0.05], [100.0, 1.0]))
+    fit = least_squares(lambda z: np.log(model(z) / measured), [2.0, 0.5, 10.0],
+                        bounds=([0.0, 0.05, 0.0], [100.0, 1.0, 500.0]))
     err = np.abs(model(fit.x) / measured - 1.0)  # [n_sample]
-    return {"setup": setup, "profile": profile, "num_samples": len(rows),
+    return {"setup": setup, "profile": profile, "num_samples": len(n),
             "latency_s": float(fit.x[0]) * 1e-6, "gpu_link_bandwidth": float(fit.x[1]),
+            "nccl_eager_call_s": float(fit.x[2]) * 1e-6,
             "median_err": float(np.median(err)), "p90_err": float(np.quantile(err, 0.9)),
             "median_err_by_workers": {int(k): float(np.median(err[n == k]))
                                       for k in sorted(set(n.tolist()))}}
@@ -242,8 +269,9 @@ def format_report(report: dict[str, Any]) -> str:
         if "all_reduce" in rep:
             ar = rep["all_reduce"]
             lines.append(
-                f"  all-reduce ({ar['setup']}, ring alpha-beta, {ar['num_samples']} sizes x "
-                f"workers): latency {ar['latency_s'] * 1e6:.1f} us per step, gpu_link_bandwidth "
+                f"  all-reduce ({ar['setup']}, eager NCCL ring/tree, {ar['num_samples']} sizes x "
+                f"workers): {ar['nccl_eager_call_s'] * 1e6:.1f} us per call + "
+                f"{ar['latency_s'] * 1e6:.2f} us per step, gpu_link_bandwidth "
                 f"{ar['gpu_link_bandwidth']:.2f}; error median {100 * ar['median_err']:.1f}%, "
                 f"p90 {100 * ar['p90_err']:.1f}%")
     return "\n".join(lines)

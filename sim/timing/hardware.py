@@ -56,11 +56,59 @@ def _positive(value: Any, label: str, *, integer: bool = False) -> Any:
     return value
 
 
+# Physically plausible ranges of every number in a profile: (low, high, unit, what a value far
+# below / far above the range most likely is). Wide enough for any accelerator from a T4 to a
+# rack-scale part; a value outside is a unit mistake, not a new device.
+PLAUSIBLE: dict[str, tuple[float, float, str, str, str]] = {
+    "capacity_bytes": (2.0**30, 2.0**42, "bytes (1 GiB .. 4 TiB)",
+                       "a size in GB or GiB written as bytes (80 GiB is 85899345920)",
+                       "a placeholder such as 2**63-1, or bits instead of bytes"),
+    "hbm_bytes_per_s": (1e10, 1e14, "bytes/s (10 GB/s .. 100 TB/s)",
+                        "a bandwidth in TB/s or GB/s written as bytes/s (2 TB/s is 2e12)",
+                        "bits/s instead of bytes/s, or an extra factor of 1000"),
+    "flops": (1e11, 1e17, "FLOP/s (0.1 .. 100,000 TFLOP/s)",
+              "TFLOP/s written as FLOP/s (312 TFLOP/s is 312e12)",
+              "a sparse or cluster-wide number, or an extra factor of 1000"),
+    "link_bytes_per_s": (1e8, 1e13, "bytes/s (0.1 GB/s .. 10 TB/s)",
+                         "GB/s written as bytes/s (300 GB/s is 300e9)",
+                         "bits/s instead of bytes/s, or a switch's total instead of one GPU's"),
+    "latency_s": (1e-8, 1e-2, "seconds (10 ns .. 10 ms)",
+                  "nanoseconds written as seconds", "microseconds written as seconds (2 us is 2e-6)"),
+    "call_s": (0.0, 1e-3, "seconds (0 .. 1 ms)", "a negative time",
+               "microseconds written as seconds (40 us is 4e-5)"),
+    "num_sms": (1, 10_000, "SMs or compute units", "", "threads or cores instead of SMs"),
+    "tdp_w": (1.0, 5_000.0, "watts", "kilowatts written as watts", "milliwatts written as watts"),
+}
+
+
+def _plausible(value: float, label: str, kind: str) -> None:
+    """A ConfigError naming the likely unit mistake when `value` is outside `PLAUSIBLE[kind]`."""
+    low, high, unit, below, above = PLAUSIBLE[kind]
+    if low <= value <= high:
+        return
+    likely = below if value < low else above
+    raise _fail(label, f"= {value!r} is outside the plausible range of {unit}; this looks like "
+                f"{likely}; fix the value (or the units) in the profile")
+
+
 def _fraction(value: Any, label: str) -> float:
     """`value` if it is a fraction of peak in (0, 1], else a ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise _fail(label, f"must be a fraction of peak in (0, 1], got {value!r}")
+        hint = (f"; a percentage? write {value / 100:g}" if isinstance(value, int | float)
+                and not isinstance(value, bool) and 1 < value <= 100 else "")
+        raise _fail(label, f"must be a fraction of peak in (0, 1], got {value!r}{hint}")
     return float(value)
+
+
+def _non_negative(value: Any, label: str) -> float:
+    """`value` if it is a finite number >= 0, else a ConfigError."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < 0):
+        raise _fail(label, f"must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+TOPOLOGIES: tuple[str, ...] = ("switch", "mesh", "bus")
 
 
 @dataclass(frozen=True)
@@ -69,18 +117,45 @@ class Link:
 
     name: str
     bandwidth_bytes_per_s: float  # per GPU, one direction
-    latency_s: float
+    latency_s: float  # per collective step (alpha)
     source: str = ""
+    # how a GPU reaches its peers (`TOPOLOGIES`): "switch" (NVSwitch: any peer at the GPU's
+    # whole bandwidth, shared by all peers), "mesh" (one link per peer, AMD Infinity Fabric),
+    # "bus" (PCIe, or an NVLink bridge joining pairs: not fully connected beyond 2 GPUs)
+    topology: str = "bus"
 
     def __post_init__(self) -> None:
-        _positive(self.bandwidth_bytes_per_s, f"link {self.name!r}: bandwidth_bytes_per_s")
-        _positive(self.latency_s, f"link {self.name!r}: latency_s")
+        where = f"link {self.name!r}:"
+        _plausible(_positive(self.bandwidth_bytes_per_s, f"{where} bandwidth_bytes_per_s"),
+                   f"{where} bandwidth_bytes_per_s", "link_bytes_per_s")
+        _plausible(_positive(self.latency_s, f"{where} latency_s"), f"{where} latency_s",
+                   "latency_s")
+        if self.topology not in TOPOLOGIES:
+            raise suggest(self.topology, TOPOLOGIES, f"{where} topology")
 
     def transfer_s(self, num_bytes: float, efficiency: float = 1.0) -> float:
         """Seconds to move `num_bytes` one way at `efficiency` x peak bandwidth (0 bytes: 0 s)."""
         if num_bytes <= 0:
             return 0.0
         return self.latency_s + num_bytes / (self.bandwidth_bytes_per_s * efficiency)
+
+
+@dataclass(frozen=True)
+class CollectiveCalls:
+    """The fixed cost of one collective call, apart from its transfers (`parallel.collectives`):
+    an eager NCCL call (host launch, the skew between the GPUs' launches, kernel start), the same
+    call replayed inside a CUDA graph (kernel start and handshake only), and one call of vLLM's
+    custom all-reduce kernel inside a graph. Seconds, >= 0."""
+
+    nccl_eager_call_s: float
+    nccl_graph_call_s: float
+    custom_all_reduce_call_s: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("nccl_eager_call_s", "nccl_graph_call_s", "custom_all_reduce_call_s"):
+            _plausible(_non_negative(getattr(self, key), f"collectives: {key}"),
+                       f"collectives: {key}", "call_s")
 
 
 @dataclass(frozen=True)
@@ -101,18 +176,27 @@ class HardwareProfile:
     links: dict[str, Link] = field(default_factory=dict, hash=False)  # every link in the file
     num_sms: int | None = None  # SMs (NVIDIA) or compute units (AMD)
     tdp_w: float | None = None
+    # fixed cost per collective call; None: transfers only (a profile built in code)
+    collectives: CollectiveCalls | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         where = f"hardware profile {self.name!r}:"
-        _positive(self.mem_bytes, f"{where} mem_bytes", integer=True)
-        _positive(self.hbm_bytes_per_s, f"{where} hbm_bytes_per_s")
-        _positive(self.kernel_launch_s, f"{where} kernel_launch_s")
+        _plausible(_positive(self.mem_bytes, f"{where} mem_bytes", integer=True),
+                   f"{where} mem_bytes", "capacity_bytes")
+        _plausible(_positive(self.hbm_bytes_per_s, f"{where} hbm_bytes_per_s"),
+                   f"{where} hbm_bytes_per_s", "hbm_bytes_per_s")
+        _plausible(_positive(self.kernel_launch_s, f"{where} kernel_launch_s"),
+                   f"{where} kernel_launch_s", "latency_s")
+        for key, value in (("num_sms", self.num_sms), ("tdp_w", self.tdp_w)):
+            if value is not None:
+                _plausible(_positive(value, f"{where} {key}"), f"{where} {key}", key)
         if not self.peak_flops:
             raise _fail(where, "peak_flops is empty; give at least one dtype's dense FLOP/s")
         for dtype, flops in self.peak_flops.items():
             if dtype not in FLOPS_DTYPES:
                 raise _fail(where, f"peak_flops key {dtype!r} is not one of {FLOPS_DTYPES}")
-            _positive(flops, f"{where} peak_flops[{dtype!r}]")
+            _plausible(_positive(flops, f"{where} peak_flops[{dtype!r}]"),
+                       f"{where} peak_flops[{dtype!r}]", "flops")
         missing = [key for key in EFFICIENCY_KEYS if key not in self.efficiency]
         if missing:
             raise _fail(where, f"efficiency lacks {', '.join(missing)}")
@@ -170,11 +254,22 @@ class _Table:
             raise _fail(self.label(key), f"must be a non-empty string, got {value!r}")
         return value
 
-    def number(self, key: str, *, integer: bool = False) -> Any:
-        return _positive(self.require(key), self.label(key), integer=integer)
+    def number(self, key: str, *, integer: bool = False, kind: str | None = None) -> Any:
+        """A positive finite number, inside `PLAUSIBLE[kind]` when `kind` is given."""
+        value = _positive(self.require(key), self.label(key), integer=integer)
+        if kind is not None:
+            _plausible(value, self.label(key), kind)
+        return value
 
-    def optional_number(self, key: str, *, integer: bool = False) -> Any:
-        return self.number(key, integer=integer) if key in self.data else None
+    def seconds(self, key: str) -> float:
+        """A call cost in seconds, >= 0 and inside `PLAUSIBLE['call_s']`."""
+        value = _non_negative(self.require(key), self.label(key))
+        _plausible(value, self.label(key), "call_s")
+        return value
+
+    def optional_number(self, key: str, *, integer: bool = False,
+                        kind: str | None = None) -> Any:
+        return self.number(key, integer=integer, kind=kind) if key in self.data else None
 
     def sub(self, key: str) -> _Table:
         inner = f"[{self.path.strip('[]') + '.' if self.path else ''}{key}]"
@@ -190,7 +285,7 @@ class _Table:
 def _parse(data: dict[str, Any], file_label: str) -> HardwareProfile:
     top = _Table(data, file_label, "")
     top.only(("name", "display_name", "vendor", "gpu_link", "host_link", "memory", "compute",
-              "links", "efficiency", "overhead"))
+              "links", "efficiency", "overhead", "collectives"))
     sources: dict[str, str] = {}
 
     memory = top.sub("memory")
@@ -209,7 +304,7 @@ def _parse(data: dict[str, Any], file_label: str) -> HardwareProfile:
             except UnknownNameError:
                 hint = f"use one of {', '.join(FLOPS_DTYPES)}"
             raise _fail(flops_table.label(key), f"is not a known dtype key; {hint}")
-        peak_flops[key] = float(flops_table.number(key))
+        peak_flops[key] = float(flops_table.number(key, kind="flops"))
     if not peak_flops:
         raise _fail(f"{file_label}: [compute.peak_flops]", "is empty; give a dtype's dense FLOP/s")
 
@@ -217,10 +312,15 @@ def _parse(data: dict[str, Any], file_label: str) -> HardwareProfile:
     links: dict[str, Link] = {}
     for link_name in links_table.data:
         table = links_table.sub(link_name)
-        table.only(("bandwidth_bytes_per_s", "latency_s", "source"))
+        table.only(("bandwidth_bytes_per_s", "latency_s", "topology", "source"))
         sources[f"links.{link_name}"] = table.text("source")
-        links[link_name] = Link(link_name, float(table.number("bandwidth_bytes_per_s")),
-                                float(table.number("latency_s")), table.text("source"))
+        topology = table.text("topology")
+        if topology not in TOPOLOGIES:
+            hint = str(suggest(topology, TOPOLOGIES, "topology")).split("; ", 1)[1]
+            raise _fail(table.label("topology"), f"= {topology!r} is not a topology; {hint}")
+        links[link_name] = Link(
+            link_name, float(table.number("bandwidth_bytes_per_s", kind="link_bytes_per_s")),
+            float(table.number("latency_s", kind="latency_s")), table.text("source"), topology)
     chosen: dict[str, Link] = {}
     for role in ("gpu_link", "host_link"):
         link_name = top.text(role)
@@ -239,22 +339,32 @@ def _parse(data: dict[str, Any], file_label: str) -> HardwareProfile:
     overhead.only(("kernel_launch_s", "source"))
     sources["overhead"] = overhead.text("source")
 
-    tdp_w = compute.optional_number("tdp_w")
+    coll = top.sub("collectives")
+    coll_keys = ("nccl_eager_call_s", "nccl_graph_call_s", "custom_all_reduce_call_s")
+    coll.only((*coll_keys, "source"))
+    sources["collectives"] = coll.text("source")
+    calls = CollectiveCalls(nccl_eager_call_s=coll.seconds("nccl_eager_call_s"),
+                            nccl_graph_call_s=coll.seconds("nccl_graph_call_s"),
+                            custom_all_reduce_call_s=coll.seconds("custom_all_reduce_call_s"),
+                            source=coll.text("source"))
+
+    tdp_w = compute.optional_number("tdp_w", kind="tdp_w")
     return HardwareProfile(
         name=top.text("name"),
         display_name=top.text("display_name"),
         vendor=top.text("vendor"),
-        mem_bytes=memory.number("capacity_bytes", integer=True),
-        hbm_bytes_per_s=float(memory.number("bandwidth_bytes_per_s")),
+        mem_bytes=memory.number("capacity_bytes", integer=True, kind="capacity_bytes"),
+        hbm_bytes_per_s=float(memory.number("bandwidth_bytes_per_s", kind="hbm_bytes_per_s")),
         peak_flops=peak_flops,
         gpu_link=chosen["gpu_link"],
         host_link=chosen["host_link"],
         efficiency=efficiency,
-        kernel_launch_s=float(overhead.number("kernel_launch_s")),
+        kernel_launch_s=float(overhead.number("kernel_launch_s", kind="latency_s")),
         sources=sources,
         links=links,
-        num_sms=compute.optional_number("num_sms", integer=True),
+        num_sms=compute.optional_number("num_sms", integer=True, kind="num_sms"),
         tdp_w=None if tdp_w is None else float(tdp_w),
+        collectives=calls,
     )
 
 
