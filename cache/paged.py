@@ -86,6 +86,9 @@ class PagedKVCache:
         # no fork, prefix caching or eviction: an allocation within the held blocks only moves
         # the token count (the common decode step's fast path)
         self._plain = not (enable_prefix_caching or eviction is not None)
+        # with prefix caching, a request without token ids has nothing to hash or share: its
+        # allocations within its held blocks take the fast path too (no fork, no eviction)
+        self._plain_without_ids = eviction is None
 
     # ------------------------------------------------------------------ KVCacheManager
     def never_fits(self, request: Request, max_len: int) -> str | None:
@@ -108,7 +111,8 @@ class PagedKVCache:
         may first share `num_cached_tokens` (from `cached_prefix`) from the prefix cache."""
         rid = request.request_id
         table = self._tables.get(rid)
-        if (table is not None and self._plain and num_tokens <= len(table) * self.block_size):
+        if (table is not None and num_tokens <= len(table) * self.block_size and (
+                self._plain or (self._plain_without_ids and request.prompt_token_ids is None))):
             # the common decode step: no new block, nothing shared, cached or evicted
             self._sum_tokens += num_tokens - self._num_tokens[rid]
             self._num_tokens[rid] = num_tokens
@@ -204,7 +208,7 @@ class PagedKVCache:
         for block in shared:
             self.pool.incref(block)
         self._forked = True
-        self._plain = False
+        self._plain = self._plain_without_ids = False
         self._tables[cid] = list(shared)
         self._num_tokens[cid] = n
         self._sum_tokens += n

@@ -17,6 +17,7 @@ simulated-clock serving loop.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,7 @@ class Engine:
         )
         if self.quantization is not None:
             self.description += f"; quantization={self.quantization.describe()}"
+        self._warned_no_ids = False  # the prefix-caching warning is given once per engine
         self.speculation: Speculation | None = None
         if args.speculative_config is not None:
             from speculative.decoding import Speculation
@@ -149,6 +151,14 @@ class Engine:
         (vLLM benchmark_serving's convention), random prompt ids in functional mode."""
         params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
         ids = None
+        if (self.args.enable_prefix_caching and spec.prompt_token_ids is None
+                and self.args.mode == "timing" and not self._warned_no_ids):
+            self._warned_no_ids = True
+            warnings.warn(
+                "enable_prefix_caching on a workload without token ids (e.g. an Azure trace: "
+                "lengths only): no prefix can be shared, so every request misses the cache; use "
+                "a workload with prompt_token_ids (shared-prefix, ShareGPT) to measure it",
+                stacklevel=2)
         if self.args.enable_prefix_caching and spec.prompt_token_ids is not None:
             ids = list(spec.prompt_token_ids)  # timing mode too: prefix caching hashes ids
         elif self.args.mode == "functional":
