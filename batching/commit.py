@@ -121,19 +121,30 @@ def _commit_counts(plan: StepPlan, now_s: float, retains_kv: bool,
     sequence that reached its end (the same counters, times and stop rules, without the
     per-token bookkeeping a value would need; the goldens hold the two paths equal)."""
     stopped = []
+    max_model_len = stop.max_model_len
     for seq in plan.seqs:
         req = seq.request
         end = seq.start + seq.num_new_tokens
         committed = end - seq.num_spec_tokens  # (no drafts without `emitted`: 0 in practice)
-        if committed != req.num_tokens:  # a prompt chunk: nothing sampled
+        num_tokens = req.num_prompt_tokens + req.num_output_tokens  # before this step's token
+        if committed != num_tokens:  # a prompt chunk: nothing sampled
             req.num_computed = end if retains_kv else 0
             continue
-        _append(req, -1, None, now_s)
-        reason = stop.check(req, -1)
-        if reason is not None:
-            req.finish_reason, req.stop_reason = reason
+        if req.keep_tokens:
+            _append(req, -1, None, now_s)
+        else:  # `_append` without values, inlined: the hot loop of timing-only runs
+            req.num_output_tokens += 1
+            if req.num_output_tokens == 1:
+                req.first_token_s = now_s
+            req.token_times_s.append(now_s)
+        # `StopCriteria.check` for a token without a value (no EOS or stop id can match it):
+        # only max_tokens and max_model_len stop it
+        max_tokens = req.sampling.max_tokens
+        if ((max_tokens is not None and req.num_output_tokens >= max_tokens)
+                or num_tokens + 1 >= max_model_len):
+            req.finish_reason, req.stop_reason = "length", None
             stopped.append(req)
-        req.num_computed = min(committed, req.num_tokens - 1) if retains_kv else 0
+        req.num_computed = min(committed, num_tokens) if retains_kv else 0
     return stopped
 
 

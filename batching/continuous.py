@@ -123,28 +123,30 @@ class ContinuousScheduler:
         kv = self.kv
         preempted = False
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            n = req.num_tokens - req.num_computed
+        running, allocate = self.running, kv.allocate  # (the hot loop: names bound once)
+        no_spec = self.speculation is None
+        while i < len(running):
+            req = running[i]
+            computed = req.num_computed
+            n = req.num_prompt_tokens + req.num_output_tokens - computed
             if n != 1:  # a prompt (or a recompute): chunked with chunked prefill
-                n = self._chunk(req, req.num_computed, budget)
+                n = self._chunk(req, computed, budget)
             if n > budget or n == 0 or (req.beam is not None and req.beam.waits(req)):
                 # (a beam that already proposed this round waits for its siblings)
                 i += 1
                 continue
             # speculative drafts after a decode token, leaving one token for each later request
-            k = 0 if self.speculation is None else self._num_spec(
-                req, n, budget - n - (len(self.running) - i - 1))
-            while not kv.allocate(req, req.num_computed + n + k):
+            k = 0 if no_spec else self._num_spec(req, n, budget - n - (len(running) - i - 1))
+            while not allocate(req, computed + n + k):
                 # out of KV memory: preempt the most recently admitted running request (vLLM's
                 # victim choice), possibly this one, until this one fits
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             else:
-                seqs.append(ScheduledSeq(req, req.num_computed, n + k, k))
+                seqs.append(ScheduledSeq(req, computed, n + k, k))
                 budget -= n + k
                 i += 1
         # no admissions in a step that had to preempt (vLLM): memory is short

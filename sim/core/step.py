@@ -105,16 +105,18 @@ class StepPlan:
 
     @property
     def num_new_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
+        return sum([s.num_new_tokens for s in self.seqs])
 
 
 def shape_of(seqs: tuple[ScheduledSeq, ...]) -> StepShape:
     """The shape the cost model prices for exactly these sequences."""
-    spec = any(s.num_spec_tokens for s in seqs)  # verification scores k + 1 positions
+    # (list comprehensions, not generators: this runs for every dispatched step)
+    spec = [s.num_spec_tokens for s in seqs]
     return StepShape(
-        num_new_tokens=tuple(s.num_new_tokens for s in seqs),
-        num_context_tokens=tuple(s.start for s in seqs),
-        num_logits=tuple(s.num_spec_tokens + 1 for s in seqs) if spec else None,
+        num_new_tokens=tuple([s.num_new_tokens for s in seqs]),
+        num_context_tokens=tuple([s.start for s in seqs]),
+        # verification scores k + 1 positions
+        num_logits=tuple([k + 1 for k in spec]) if any(spec) else None,
     )
 
 
