@@ -74,6 +74,11 @@ class ContiguousKVCache:
         self._num_reserved = 0
         # the last reservation asked for: external fragmentation is measured against it
         self._last_asked_tokens = 0
+        # the breakdown when the most memory was held (what a run reports), and how often a
+        # reservation was refused although enough memory was free (external fragmentation)
+        self._peak_fragmentation: dict[str, int] | None = None
+        self._num_peak_held_tokens = -1
+        self.num_fragmentation_refusals = 0
 
     def reservation_tokens(self, request: Request) -> int:
         return self._reservation_tokens(request.max_len(self.max_model_len), self.max_model_len)
@@ -106,15 +111,22 @@ class ContiguousKVCache:
             # reserves; pow2 rounds by itself), the placement stays the buddy allocator's
             offset = self._buddy.allocate(asked, exact=True)
             if offset is None:
+                if asked <= self._buddy.num_free_units:
+                    self.num_fragmentation_refusals += 1
                 return False
             reserved = self._buddy.allocated_units(offset)
             self._offset[rid] = offset
             self._reserved[rid] = reserved
             self._limit[rid] = min(request.max_len(self.max_model_len), reserved)
             self._num_reserved += reserved
+            if self._num_reserved > self._num_peak_held_tokens:
+                self._num_peak_held_tokens = self._num_reserved
+                self._peak_fragmentation = None  # taken once this call records the use
         elif num_tokens > reserved:
             return False
         self._used[rid] = num_tokens
+        if self._peak_fragmentation is None and self._num_peak_held_tokens >= 0:
+            self._peak_fragmentation = self.fragmentation()
         return True
 
     def free(self, request: Request) -> None:
@@ -154,6 +166,13 @@ class ContiguousKVCache:
             num_internal_frag_tokens=self._num_reserved - used - future,
             num_free_tokens=self.num_free_tokens(), num_requests=len(self._reserved),
             num_external_frag_tokens=self._buddy.external_fragmentation(self._last_asked_tokens))
+
+    def peak_fragmentation(self) -> dict[str, int]:
+        """`fragmentation()` as it was when the most memory was reserved (all free before any
+        request), plus `fragmentation_refusals`: reservations refused although the free total
+        would have held them."""
+        parts = self._peak_fragmentation or self.fragmentation()
+        return {**parts, "fragmentation_refusals": self.num_fragmentation_refusals}
 
     def fragmentation(self) -> dict[str, int]:
         """The vLLM paper's breakdown of the pool now, in tokens: used, reserved-unused (held

@@ -81,3 +81,24 @@ def test_equal_lengths_waste_no_decode_padding() -> None:
         scheduler.update(plan, StepResult(token_ids=None), now_s)
     assert isinstance(scheduler, StaticScheduler)
     assert scheduler.padding_stats().waste_fraction == 0.0
+
+
+def test_result_json_reports_return_latency_padding_and_kv_fragmentation(tmp_path) -> None:
+    import json
+
+    from sim.cli.main import main
+
+    out = tmp_path / "result.json"
+    code = main(["simulate", "--num-prompts", "24", "--input-len", "64", "--output-len", "32",
+                 "--mode", "timing", "--scheduler", "static", "--kv-cache", "contiguous",
+                 "--no-progress", "--result-json", str(out)])
+    data = json.loads(out.read_text())
+    assert code == 0
+    # the batch returns every result at its end: no earlier than the last token (E2E)
+    assert data["mean_return_latency_ms"] >= data["mean_e2el_ms"] > 0
+    assert data["padded_token_steps"] >= data["useful_token_steps"] > 0
+    assert 0.0 <= data["padding_waste_fraction"] < 1.0
+    parts = ("used_tokens", "reserved_unused_tokens", "internal_frag_tokens",
+             "external_frag_tokens", "free_tokens")
+    assert all(data[f"kv_{part}"] >= 0 for part in parts)
+    assert data["kv_used_tokens"] > 0
