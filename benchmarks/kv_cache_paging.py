@@ -6,7 +6,9 @@ For OPT-13B on A100-SXM4-40GB and Llama-2-7B on A100-SXM4-80GB, on the Azure con
 
 1. paged (block 16) vs contiguous `max_len` / `pow2` / `oracle` (the vLLM paper's Orca Max, Pow2,
    Oracle) and paged + prefix caching: peak concurrent requests and effective KV use (real
-   tokens / KV held, time-weighted over steps) with every request at t = 0, and the highest rate
+   tokens / KV held, time-weighted over steps) with every request at t = 0, the contiguous
+   pool's breakdown at its peak (used / reserved-unused / internal / external fragmentation /
+   free, % of the pool: the buddy allocator of the Orca baselines), and the highest rate
    whose p99 TTFT meets the SLO (found by bisection) with the throughput there ("throughput at
    equal p99 latency");
 2. prefix caching: TTFT reduction and hit rate on the shared-prompt workload;
@@ -41,6 +43,7 @@ from common import (
     write_json,
 )
 
+from cache.contiguous import ContiguousKVCache
 from sim.engine.args import EngineArgs
 from sim.engine.engine import Engine
 from sim.workload.shared_prefix import shared_prefix_workload
@@ -69,7 +72,12 @@ def run(model: str, hardware: str, workload: Any, **kwargs: Any) -> dict[str, An
     dur = cols["end_s"] - cols["start_s"]  # [n_steps]
     held = cols["kv_reserved_tokens"]  # [n_steps]
     use = np.divide(cols["kv_used_tokens"], held, out=np.ones_like(held), where=held > 0)
+    # the contiguous baselines' fragmentation breakdown at their peak (empty for paged)
+    peaks = [kv.peak_fragmentation() for kv in result.kv_managers
+             if isinstance(kv, ContiguousKVCache)]
+    breakdown = {part: sum(p[part] for p in peaks) for part in peaks[0]} if peaks else {}
     return {
+        "fragmentation": breakdown,
         "peak_requests": int(cols["num_seqs"].max()),
         "kv_use_pct": float(100 * (use * dur).sum() / dur.sum()),
         "p99_ttft_s": s.ttft.p99_s, "mean_ttft_s": s.ttft.mean_s,
@@ -81,6 +89,15 @@ def run(model: str, hardware: str, workload: Any, **kwargs: Any) -> dict[str, An
         "duration_s": s.duration_s, "num_kv_tokens": engine.num_kv_tokens,
         "num_completed": s.num_completed, "num_rejected": s.num_rejected,
     }
+
+
+def _breakdown_pct(breakdown: dict[str, int], num_kv_tokens: int) -> dict[str, float]:
+    """used / reserved / internal / external / free as % of the pool (blank for paged KV)."""
+    names = {"used_tokens": "used_%", "reserved_unused_tokens": "reserved_%",
+             "internal_frag_tokens": "internal_%", "external_frag_tokens": "external_%",
+             "free_tokens": "free_%"}
+    return {label: (round(100 * breakdown[part] / num_kv_tokens, 1) if breakdown else math.nan)
+            for part, label in names.items()}
 
 
 def workloads(n: int, rate: float) -> dict[str, Any]:
@@ -130,6 +147,7 @@ def compare(n: int, quick: bool) -> list[dict[str, Any]]:
                     "tok/s_at_slo": round(best["throughput_tok_s"]) if best else 0,
                     "mean_ttft_s_at_slo": round(best["mean_ttft_s"], 3) if best else math.nan,
                     "hit_rate": round(best["hit_rate"], 3) if best else 0.0,
+                    **_breakdown_pct(at_once["fragmentation"], at_once["num_kv_tokens"]),
                 })
     return rows
 

@@ -166,7 +166,10 @@ def test_contiguous_baselines_hold_fewer_requests_than_paged():
         engine = run_timing(hardware="a100-sxm4-40gb", model="facebook/opt-13b", **kw)
         result = engine.run(make_workload(300, math.inf, 200, 300, seed=0), record_steps=True)
         peaks[name] = result.steps.summary()["max_batch_size"]
-    assert peaks["max_len"] < peaks["pow2"] < peaks["oracle"] <= peaks["paged"]
+    # with a buddy allocator (the Orca baselines, vLLM paper sec. 6.1) Oracle's exact 500-token
+    # reservation still needs a free 512-token chunk, and the 12-token tails it gives back are
+    # external fragmentation: Oracle holds no more requests than Pow2 here
+    assert peaks["max_len"] < peaks["pow2"] <= peaks["oracle"] < peaks["paged"]
 
 
 def test_kv_eviction_runs_on_a_pool_smaller_than_max_model_len():

@@ -54,8 +54,9 @@ REGISTRIES: dict[str, Collection[str]] = {
 
 #: what else a value needs to take effect in a small run
 COMPANIONS: dict[str, dict[str, Any]] = {
-    # a pool of 160 tokens for requests of at most 40: max_len (128) runs one at a time, pow2
-    # (64) two, oracle (40) four
+    # a pool of 160 tokens (buddy roots 128 + 32) for requests of at most 40: max_len (128)
+    # runs one at a time, pow2 (64) two, and oracle (40) also two, since each exact reservation
+    # still needs a free 64-token buddy chunk: it differs from pow2 in what it holds
     "contiguous_reservation": {"kv_cache": "contiguous", "max_model_len": 128,
                                "num_gpu_blocks_override": 10},
     # a pool of 8 blocks of 8 tokens for 8 requests growing to 40 tokens: some are preempted
@@ -90,7 +91,8 @@ def flag(name: str) -> str:
 
 def run(**kwargs: Any) -> Any:
     """An engine of `kwargs` run on 8 requests of 32 prompt and 8 output tokens, all at once."""
-    return Engine(EngineArgs(**kwargs)).run(make_workload(8, math.inf, 32, 8, seed=0))
+    return Engine(EngineArgs(**kwargs)).run(make_workload(8, math.inf, 32, 8, seed=0),
+                                            record_steps=True)
 
 
 def test_every_choice_valued_argument_has_one_registry():
@@ -145,8 +147,10 @@ def test_each_choice_runs_its_own_way(name, mode):
     outcomes = {}
     for value in REGISTRIES[name]:
         result = run(**{**COMPANIONS[name], "mode": mode, name: value})
-        outcomes[value] = tuple((r.first_token_s, r.finished_s, tuple(r.output_token_ids))
-                                for r in result.requests)
+        timeline = tuple((r.first_token_s, r.finished_s, tuple(r.output_token_ids))
+                         for r in result.requests)
+        held = tuple(result.steps.columns()["kv_reserved_tokens"].tolist())  # [num_steps]
+        outcomes[value] = (timeline, held)
     assert len(set(outcomes.values())) == len(outcomes), outcomes
 
 

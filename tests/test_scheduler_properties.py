@@ -80,7 +80,10 @@ def test_scheduler_invariants(specs, scheduler, kv_kind, chunked, max_num_seqs, 
         # the budget holds, except for a preempted request longer than it, which recomputes
         # alone in one step (documented in batching.continuous)
         alone = len(plan.seqs) == 1 and plan.seqs[0].request.num_preemptions > 0
-        assert sum(s.num_new_tokens for s in plan.seqs) <= budget or alone
+        # a request-level batch with a KV cache prefills in one padded pass, as FasterTransformer
+        # does: the iteration-level token budget does not apply to it (batching.static)
+        one_pass = scheduler in ("static", "dynamic") and kv_kind != "none"
+        assert sum(s.num_new_tokens for s in plan.seqs) <= budget or alone or one_pass
         if kv_kind != "none":
             assert kv.num_reserved_tokens() <= kv_tokens
         for s in plan.seqs:

@@ -12,9 +12,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cache.contiguous import ContiguousKVCache
 from sim.cli.main import engine_args_from
 from sim.core.errors import InfersimError
 from sim.engine.engine import Engine
+from sim.engine.records import SimulationResult
+from sim.metrics.summary import fragmentation_keys, padding_keys
 from sim.workload.shared_prefix import shared_prefix_workload
 from sim.workload.specs import (
     ArrivalProcess,
@@ -26,6 +29,20 @@ from sim.workload.specs import (
     workload_from_trace,
 )
 
+
+def baseline_accounting(result: SimulationResult, scheduler: str) -> dict[str, object]:
+    """The baselines' own waste, for the table and the result JSON: a request-level batch's
+    padding (token-steps priced vs computed) and the contiguous KV pool's breakdown at its peak
+    (used / reserved-unused / internal / external / free, summed over lanes)."""
+    keys: dict[str, object] = {}
+    if scheduler in ("static", "dynamic"):
+        keys.update(padding_keys(result.stats.num_tokens_priced,
+                                 result.stats.num_tokens_computed))
+    peaks = [kv.peak_fragmentation() for kv in result.kv_managers
+             if isinstance(kv, ContiguousKVCache)]
+    if peaks:
+        keys.update(fragmentation_keys({part: sum(p[part] for p in peaks) for part in peaks[0]}))
+    return keys
 
 def arrival_from_flags(ns: argparse.Namespace) -> ArrivalProcess | None:
     """The arrival process `--request-rate` and `--burstiness` describe; None when a trace
@@ -106,6 +123,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
     slo_tpot_s = None if ns.slo_tpot_ms is None else ns.slo_tpot_ms / 1e3
     summary = result.metrics.summary(slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
     stats = result.stats
+    summary.extra.update(baseline_accounting(result, ns.scheduler))
     # `--result-json -` (vLLM's convention) puts the JSON alone on stdout, so the report
     # moves to stderr and `infersim simulate ... --result-json - | jq` reads clean JSON
     def say(*args: object) -> None:

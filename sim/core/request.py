@@ -454,6 +454,9 @@ class Request:
     first_scheduled_s: float = math.nan
     first_token_s: float = math.nan
     finished_s: float = math.nan
+    #: when the whole result reaches the client if the server does not stream (a static batch
+    #: returns every member at the batch end); NaN: streamed, returned as each token is made
+    returned_s: float = math.nan
     token_times_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None

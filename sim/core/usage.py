@@ -32,6 +32,9 @@ class KVMemoryUsage:
     num_free_tokens: int
     num_requests: int = 0
     num_cached_free_tokens: int = 0  # included in num_free_tokens
+    #: free slots in chunks too small for the last reservation asked (a buddy allocator's
+    #: external fragmentation); included in num_free_tokens
+    num_external_frag_tokens: int = 0
 
     def __post_init__(self) -> None:
         parts = (self.num_used_tokens, self.num_reserved_tokens, self.num_internal_frag_tokens,

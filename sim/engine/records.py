@@ -117,5 +117,6 @@ def request_times(req: Request) -> RequestTimes:
                                                         req.num_prompt_tokens),
         finish_reason=req.finish_reason or "aborted",
         reject_reason=req.reject_reason,
+        returned_s=math.nan if rejected else req.returned_s,
     )
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from sim.core.errors import InfersimError
 from sim.metrics.quantiles import StreamingQuantiles
-from sim.metrics.summary import LatencyStats, Summary
+from sim.metrics.summary import LatencyStats, Summary, return_latency_keys
 
 __all__ = ["FINISH_REASONS", "LatencyStats", "MetricsCollector", "RequestTimes", "Summary"]
 
@@ -62,6 +62,8 @@ class RequestTimes:
     num_cached_prompt_tokens: int = 0
     finish_reason: str = "length"
     reject_reason: str | None = None
+    #: when the whole result was returned, if the server did not stream it (NaN: streamed)
+    returned_s: float = math.nan
 
     @classmethod
     def rejected(
@@ -138,6 +140,7 @@ class MetricsCollector:
         self.rejected_by_reason: Counter[str] = Counter()
         self.num_aborted = 0
         self._first_arrival_s = math.inf
+        self._return_latencies_s: list[float] = []  # non-streamed requests only
 
     def __len__(self) -> int:
         """Requests recorded: completed, rejected and aborted."""
@@ -175,6 +178,8 @@ class MetricsCollector:
         )
         self._num_completed += 1
         self._itl.add(itls_s)
+        if not math.isnan(times.returned_s):
+            self._return_latencies_s.append(times.returned_s - times.arrival_s)
 
     def per_request(self) -> dict[str, np.ndarray]:
         """Per completed request, in record order: ttft_s, tpot_s (NaN for 1 token), e2e_s,
@@ -259,4 +264,5 @@ class MetricsCollector:
             slo_tpot_s=slo_tpot_s,
             request_goodput=goodput,
             goodput_fraction=fraction,
+            extra=return_latency_keys(np.asarray(self._return_latencies_s)),
         )

@@ -181,5 +181,45 @@ class Summary:
             lines.append(row(f"Median {name} (ms):", stats.median_s * 1e3))
             lines.append(row(f"P90 {name} (ms):", stats.p90_s * 1e3))
             lines.append(row(f"P99 {name} (ms):", stats.p99_s * 1e3))
+        if self.extra:  # baseline accounting: return latency, padding, KV fragmentation
+            lines.append(rule("Baseline accounting"))
+            lines += [row(f"{key}:", value) for key, value in self.extra.items()]
         lines.append("=" * width)
         return "\n".join(line.rstrip() for line in lines)
+
+
+# --- baseline accounting: the keys `Summary.extra` carries for request-level batching and
+# contiguous KV (result JSON and the table's "Baseline accounting" block) ---
+
+
+def return_latency_keys(return_latencies_s: np.ndarray) -> dict[str, float | None]:
+    """`{mean,median,p99}_return_latency_ms`: arrival to the whole result returned, for a server
+    that does not stream (a static batch returns every member at the batch end); empty when no
+    request was returned apart from its tokens."""
+    values_s = np.asarray(return_latencies_s, dtype=np.float64).reshape(-1)  # [num_returned]
+    if values_s.size == 0:
+        return {}
+    stats = LatencyStats.of(values_s)
+    return {"mean_return_latency_ms": _json_number(stats.mean_s * 1e3),
+            "median_return_latency_ms": _json_number(stats.median_s * 1e3),
+            "p99_return_latency_ms": _json_number(stats.p99_s * 1e3)}
+
+
+def padding_keys(num_padded_token_steps: int, num_useful_token_steps: int) -> dict[str, Any]:
+    """Padding waste of a padded (request-level) batch: the token-steps priced against those
+    that computed a real token, and the wasted share."""
+    waste = (1.0 - num_useful_token_steps / num_padded_token_steps
+             if num_padded_token_steps else 0.0)
+    return {"padded_token_steps": num_padded_token_steps,
+            "useful_token_steps": num_useful_token_steps,
+            "padding_waste_fraction": waste}
+
+
+def fragmentation_keys(breakdown_tokens: dict[str, int]) -> dict[str, Any]:
+    """The KV pool breakdown (used / reserved-unused / internal / external / free tokens) as
+    `kv_<part>` keys, plus the share of held memory that stores real tokens."""
+    keys: dict[str, Any] = {f"kv_{part}": num for part, num in breakdown_tokens.items()}
+    held = sum(breakdown_tokens.get(part, 0) for part in
+               ("used_tokens", "reserved_unused_tokens", "internal_frag_tokens"))
+    keys["kv_real_token_fraction"] = breakdown_tokens.get("used_tokens", 0) / held if held else 1.0
+    return keys
