@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from sim.cli.main import PERCENTILE_METRICS, engine_args_from

@@ -275,8 +275,9 @@ def workload_from_trace(
     vocab_size: int | None = None,
     id_prefix: str = "req",
 ) -> Workload:
-    """Requests (re-iterable, see `Workload`) with the trace's lengths (in order), arriving at the trace's own times, or at
-    `request_rate` requests/s (Poisson, or gamma with `burstiness`; inf = all at once).
+    """Requests (re-iterable, see `Workload`) with the trace's lengths (in order), arriving at
+    the trace's own times, or at `request_rate` requests/s (Poisson, or gamma with
+    `burstiness`; inf = all at once).
 
     `num_requests` defaults to the whole trace; with a request rate it may exceed the trace,
     and the lengths then cycle. `max_prompt_len` / `max_output_len` clip the lengths (e.g. to
