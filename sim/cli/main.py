@@ -154,7 +154,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         '"acceptance_rate" or "acceptance_trace"')
 
 
-DATASET_NAMES = ("random", "shared-prefix", "azure-conv", "azure-code")
+DATASET_NAMES = ("random", "sharegpt", "shared-prefix", "azure-conv", "azure-code")
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
@@ -163,14 +163,20 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     and `datasets.py`), with the older infersim spellings kept as aliases."""
     w = p.add_argument_group("workload (vLLM `bench serve` names)")
     w.add_argument("--dataset-name", default=None, choices=DATASET_NAMES,
-                   help="random: synthetic lengths (--random-*); shared-prefix: random prompts "
-                        "behind --num-system-prompts shared system prompts; azure-conv / "
-                        "azure-code: an Azure LLM trace CSV at --dataset-path (default: "
+                   help="random: synthetic lengths (--random-*); sharegpt: real ShareGPT "
+                        "prompts and reply lengths, sampled as vLLM does (the "
+                        "infersim[datasets] extra, or the JSON at --dataset-path); "
+                        "shared-prefix: random prompts behind --num-system-prompts shared "
+                        "system prompts; azure-conv / azure-code: an Azure LLM trace CSV at "
+                        "--dataset-path (default: "
                         "azure-conv with --dataset-path, shared-prefix with "
                         "--shared-prefix-len, else random)")
     w.add_argument("--dataset-path", default=None,
-                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens); its "
-                        "timestamps give arrivals unless --request-rate is set")
+                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens), whose "
+                        "timestamps give arrivals unless --request-rate is set; or, with "
+                        "--dataset-name sharegpt, a ShareGPT JSON file")
+    w.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="sharegpt: every output this many tokens instead of the reply's length")
     w.add_argument("--num-prompts", type=int, default=None,
                    help="number of requests (default: 100, or the whole trace)")
     w.add_argument("--request-rate", type=float, default=None,

@@ -49,7 +49,7 @@ def arrival_from_flags(ns: argparse.Namespace) -> ArrivalProcess | None:
     Checked before the engine is built, so a bad value is a one-line error (exit 2) at once.
     Every workload kind takes its arrivals from here: gamma gaps of shape `--burstiness`.
     """
-    if ns.dataset_path and ns.request_rate is None:
+    if ns.dataset_path and ns.request_rate is None and ns.dataset_name != "sharegpt":
         check_burstiness(ns.burstiness, shapes_gaps=False)
         return None
     return arrivals_from_rate(math.inf if ns.request_rate is None else ns.request_rate,
@@ -64,7 +64,9 @@ def dataset_name(ns: argparse.Namespace) -> str:
     if name in ("azure-conv", "azure-code") and not ns.dataset_path:
         raise ConfigError(f"--dataset-name {name} reads an Azure trace CSV; give its path with "
                           "--dataset-path")
-    if name not in ("azure-conv", "azure-code") and ns.dataset_path:
+    if ns.sharegpt_output_len is not None and name != "sharegpt":
+        raise ConfigError(f"--sharegpt-output-len needs --dataset-name sharegpt, not {name}")
+    if name not in ("azure-conv", "azure-code", "sharegpt") and ns.dataset_path:
         raise ConfigError(f"--dataset-path is an Azure trace, but --dataset-name is {name}; "
                           "use --dataset-name azure-conv or azure-code, or drop --dataset-path")
     if name == "shared-prefix" and ns.shared_prefix_len < 1:
@@ -100,9 +102,21 @@ def random_lengths(length: int, range_ratio: float, what: str) -> LengthDistribu
 
 def build_workload(ns: argparse.Namespace, arrival: ArrivalProcess | None,
                    vocab_size: int) -> tuple[Iterable[RequestSpec], int]:
-    """The workload the flags describe (an Azure trace, shared-prefix or random synthetic) and
-    its number of requests. `vocab_size` bounds the shared-prefix token ids."""
+    """The workload the flags describe (an Azure trace, ShareGPT, shared-prefix or random
+    synthetic) and its number of requests. `vocab_size` bounds the token ids."""
     name = dataset_name(ns)
+    if name == "sharegpt":
+        from sim.workload.sharegpt import sample_sharegpt, sharegpt_workload, smollm2_tokenizer
+
+        if arrival is None:
+            raise InfersimError("ShareGPT needs an arrival process; see arrival_from_flags")
+        total = ns.num_prompts or 100
+        tokenizer = smollm2_tokenizer()
+        pairs = sample_sharegpt(total, tokenizer, seed=ns.seed, path=ns.dataset_path,
+                                output_len=ns.sharegpt_output_len)
+        # real token ids only for a model that reads SmolLM2's vocabulary (else out of range)
+        ids_fit = tokenizer is not None and tokenizer.vocab_size <= vocab_size
+        return sharegpt_workload(pairs, arrival, seed=ns.seed, with_token_ids=ids_fit), total
     if name in ("azure-conv", "azure-code"):
         trace = load_azure_trace(ns.dataset_path, limit=ns.num_prompts)
         total = ns.num_prompts or len(trace)
