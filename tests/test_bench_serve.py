@@ -89,6 +89,7 @@ def test_random_range_ratio_follows_vllms_bounds(tmp_path, capsys):
     (("--percentile-metrics", "ttft,queue"), "--percentile-metrics"),
     (("--metric-percentiles", "0"), "--metric-percentiles"),
     (("--dataset-name", "azure-code"), "--dataset-path"),
+    (("--dataset-name", "sonnet"), "--dataset-name"),
     (("--dataset-name", "shared-prefix"), "--shared-prefix-len"),
     (("--dataset-name", "random", "--shared-prefix-len", "8"), "--shared-prefix-len"),
 ])

@@ -162,7 +162,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     """The workload and report flags of `vllm bench serve` (vLLM's `vllm/benchmarks/serve.py`
     and `datasets.py`), with the older infersim spellings kept as aliases."""
     w = p.add_argument_group("workload (vLLM `bench serve` names)")
-    w.add_argument("--dataset-name", default=None, choices=DATASET_NAMES,
+    # checked in `sim.cli.simulate.dataset_name`, not by argparse `choices`: the flags with
+    # choices are exactly the engine registries (tests/test_registries.py)
+    w.add_argument("--dataset-name", default=None, metavar="{" + ",".join(DATASET_NAMES) + "}",
                    help="random: synthetic lengths (--random-*); sharegpt: real ShareGPT "
                         "prompts and reply lengths, sampled as vLLM does (the "
                         "infersim[datasets] extra, or the JSON at --dataset-path); "

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from sim.cli.main import PERCENTILE_METRICS, engine_args_from
+from sim.cli.main import DATASET_NAMES, PERCENTILE_METRICS, engine_args_from
 from sim.core.errors import ConfigError, InfersimError
 from sim.core.request import Request
 from sim.engine.engine import Engine
@@ -61,6 +61,9 @@ def dataset_name(ns: argparse.Namespace) -> str:
     implied = ("azure-conv" if ns.dataset_path else
                "shared-prefix" if ns.shared_prefix_len else "random")
     name: str = ns.dataset_name or implied
+    if name not in DATASET_NAMES:
+        raise ConfigError(f"--dataset-name {name!r} is not offered; choose one of "
+                          f"{', '.join(DATASET_NAMES)}")
     if name in ("azure-conv", "azure-code") and not ns.dataset_path:
         raise ConfigError(f"--dataset-name {name} reads an Azure trace CSV; give its path with "
                           "--dataset-path")
