@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sim.core.errors import InfersimError
+from sim import __version__
+from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
 from sim.model.zoo import DEFAULT_MODEL
 from sim.timing.hardware import DEFAULT_HARDWARE
@@ -29,6 +30,13 @@ DESCRIPTION = """\
 infersim: a NumPy reference simulator of LLM inference. One run computes real tokens with a NumPy
 transformer (a seeded tiny proxy of the named model, or real local weights) and prices every
 engine step for the named model on a GPU profile, on a simulated clock."""
+
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  an unexpected internal error (a bug: the traceback says where; please report it)
+  2  a usage or configuration error: a bad flag, value, --config file or input file
+     (one line on stderr naming the field, the value and the fix)"""
 
 
 def choices(name: str) -> tuple[str, ...]:
@@ -116,10 +124,15 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--admission-burst", type=int, default=1, help="token bucket: burst size")
     a.add_argument("--admission-ttft-slo-s", type=float, default=None,
                    help="reject when the predicted TTFT already exceeds this SLO")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context window in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="most requests running in one engine step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens (prefill + decode) in one engine step (default: "
+                        "max_model_len, or 2048 with chunked prefill)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of GPU memory the engine may use (weights, activations, KV)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs each layer's matrices are split over (Megatron-style)")
     g.add_argument("--pipeline-parallel-size", type=int, default=1,
@@ -153,25 +166,31 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         '"acceptance_rate" or "acceptance_trace"')
 
 
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    """EngineArgs from every parsed flag whose name is an engine argument (same spelling)."""
-    names = {f.name for f in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**{key: value for key, value in vars(ns).items() if key in names})
+DATASET_NAMES = ("random", "sharegpt", "shared-prefix", "azure-conv", "azure-code")
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infersim", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sim = sub.add_parser("simulate", help="serve a workload and report latency/throughput",
-                         description="Serve a synthetic workload or an Azure trace and report "
-                                     "TTFT, TPOT, ITL, E2E and throughput in simulated time.")
-    add_engine_flags(sim)
-    w = sim.add_argument_group("workload (vLLM benchmark_serving names)")
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    """The workload and report flags of `vllm bench serve` (vLLM's `vllm/benchmarks/serve.py`
+    and `datasets.py`), with the older infersim spellings kept as aliases."""
+    w = p.add_argument_group("workload (vLLM `bench serve` names)")
+    # checked in `sim.cli.simulate.dataset_name`, not by argparse `choices`: the flags with
+    # choices are exactly the engine registries (tests/test_registries.py)
+    w.add_argument("--dataset-name", default=None, metavar="{" + ",".join(DATASET_NAMES) + "}",
+                   help="random: synthetic lengths (--random-*); sharegpt: real ShareGPT "
+                        "prompts and reply lengths, sampled as vLLM does (the "
+                        "infersim[datasets] extra, or the JSON at --dataset-path); "
+                        "shared-prefix: random prompts behind --num-system-prompts shared "
+                        "system prompts; azure-conv / azure-code: an Azure LLM trace CSV at "
+                        "--dataset-path (default: "
+                        "azure-conv with --dataset-path, shared-prefix with "
+                        "--shared-prefix-len, else random)")
     w.add_argument("--dataset-path", default=None,
-                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens); its "
-                        "timestamps give arrivals unless --request-rate is set")
+                   help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens), whose "
+                        "timestamps give arrivals unless --request-rate is set; or, with "
+                        "--dataset-name sharegpt, a ShareGPT JSON file")
+    w.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="sharegpt: every output this many tokens instead of the reply's length")
     w.add_argument("--num-prompts", type=int, default=None,
                    help="number of requests (default: 100, or the whole trace)")
     w.add_argument("--request-rate", type=float, default=None,
@@ -181,33 +200,80 @@ def build_parser() -> argparse.ArgumentParser:
                         "1/sqrt(burstiness)), for synthetic, shared-prefix and re-timed trace "
                         "workloads alike: 1 = Poisson, < 1 burstier, > 1 smoother; finite and "
                         "> 0, and needs a finite --request-rate")
-    w.add_argument("--input-len", type=int, default=512, help="prompt tokens (synthetic)")
+    w.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=512,
+                   help="random / shared-prefix: prompt tokens (own tokens after the system "
+                        "prompt)")
+    w.add_argument("--random-output-len", "--output-len", dest="output_len", type=int,
+                   default=128, help="random / shared-prefix: output tokens")
+    w.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random / shared-prefix: lengths uniform in [floor(len x (1 - r)), "
+                        "ceil(len x (1 + r))] (outputs at least 1), vLLM's rule; 0 <= r < 1")
     w.add_argument("--shared-prefix-len", type=int, default=0,
-                   help="synthetic: every prompt starts with one of --num-system-prompts fixed "
-                        "system prompts of this many tokens, then --input-len own tokens (what "
-                        "--enable-prefix-caching is for)")
+                   help="shared-prefix: every prompt starts with one of --num-system-prompts "
+                        "fixed system prompts of this many tokens, then --random-input-len own "
+                        "tokens (what --enable-prefix-caching is for)")
     w.add_argument("--num-system-prompts", type=int, default=1,
-                   help="synthetic, with --shared-prefix-len: distinct system prompts")
-    w.add_argument("--output-len", type=int, default=128, help="output tokens (synthetic)")
-    w.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput")
-    w.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput")
-    sim.add_argument("--result-json", default=None, help="write the metrics to this JSON file (- for stdout)")
+                   help="shared-prefix: distinct system prompts")
+    r = p.add_argument_group("report (vLLM `bench serve` names)")
+    r.add_argument("--goodput", nargs="+", default=None, metavar="KEY:VALUE",
+                   help="service-level objectives in ms, e.g. `--goodput ttft:200 tpot:50`; "
+                        "keys ttft, tpot, e2el; request_goodput counts the completed requests "
+                        "meeting all of them, per second")
+    r.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="TTFT SLO for goodput (same as --goodput ttft:MS)")
+    r.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="TPOT SLO for goodput (same as --goodput tpot:MS)")
+    r.add_argument("--percentile-metrics", default="ttft,tpot,itl",
+                   help="comma-separated metrics whose percentiles the result JSON gets "
+                        f"(of {', '.join(PERCENTILE_METRICS)})")
+    r.add_argument("--metric-percentiles", default="99",
+                   help="comma-separated percentiles (0 < p <= 100) written as p<N>_<metric>_ms, "
+                        "e.g. 25,50,75,99")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """EngineArgs from every parsed flag whose name is an engine argument (same spelling)."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{key: value for key, value in vars(ns).items() if key in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infersim", description=DESCRIPTION, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="serve a workload and report latency/throughput",
+                         description="Serve a synthetic workload or an Azure trace and report "
+                                     "TTFT, TPOT, ITL, E2E and throughput in simulated time; "
+                                     "flags and result JSON as `vllm bench serve`.",
+                         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_flags(sim)
+    add_bench_flags(sim)
+    sim.add_argument("--result-json", default=None,
+                     help="write the metrics to this JSON file (- for stdout)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.add_argument("--config", default=None, metavar="FILE",
+                     help="TOML file of these same flags (`max-num-seqs = 64`, `request-rate = "
+                          "inf`, `enable-prefix-caching = true`; dashes or underscores), as "
+                          "vLLM's --config; flags on the command line override the file, and "
+                          "an unknown key is refused by name")
 
     demo = sub.add_parser("demo", help="no KV cache vs the KV-cached engine (the quick start)",
                           description="Runs one workload twice, without and with a KV cache, "
                                       "and compares latency, throughput and the tokens produced.")
-    demo.add_argument("--model", default=DEFAULT_MODEL)
-    demo.add_argument("--hardware", default=DEFAULT_HARDWARE)
-    demo.add_argument("--num-prompts", type=int, default=16)
-    demo.add_argument("--input-len", type=int, default=128)
-    demo.add_argument("--output-len", type=int, default=128)
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder")
+    demo.add_argument("--hardware", default=DEFAULT_HARDWARE, help="GPU profile name or .toml")
+    demo.add_argument("--num-prompts", type=int, default=16, help="number of requests")
+    demo.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    demo.add_argument("--output-len", type=int, default=128, help="output tokens per request")
 
     kv = sub.add_parser("kv-memory", help="the KV-cache memory calculation, step by step",
                         description="KV bytes per token = 2 x layers x KV heads x head dim x "
                                     "bytes; per request; per batch; with --hardware, the memory "
                                     "plan and how many tokens fit.")
-    kv.add_argument("--model", default=DEFAULT_MODEL)
+    kv.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder")
     kv.add_argument("--seq-len", type=int, required=True, help="tokens per request")
     kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
     kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
@@ -215,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
     kv.add_argument("--kv-cache-dtype", default=None,
                     help="KV cache dtype if it differs from --dtype (e.g. fp8)")
-    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="with --hardware: share of GPU memory the engine may use")
     kv.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sub.add_parser("models", help="list the built-in model shapes")
@@ -226,20 +293,92 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Every parallel plan using --num-gpus GPUs whose shapes "
                                        "divide and whose weights fit, each simulated "
                                        "(timing-only) on a default workload.")
-    plans.add_argument("--model", default=DEFAULT_MODEL)
-    plans.add_argument("--hardware", default=DEFAULT_HARDWARE)
-    plans.add_argument("--num-gpus", type=int, required=True)
-    plans.add_argument("--num-prompts", type=int, default=200)
-    plans.add_argument("--input-len", type=int, default=512)
-    plans.add_argument("--output-len", type=int, default=128)
+    plans.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder")
+    plans.add_argument("--hardware", default=DEFAULT_HARDWARE, help="GPU profile name or .toml")
+    plans.add_argument("--num-gpus", type=int, required=True, help="GPUs every plan uses")
+    plans.add_argument("--num-prompts", type=int, default=200, help="requests per simulation")
+    plans.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
+    plans.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     plans.add_argument("--request-rate", type=float, default=None,
                        help="requests/s, Poisson (default: all at once)")
     plans.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
+def config_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with the flags of its subcommand's `--config FILE` (TOML) put in front of the
+    command line's own, so the command line wins (argparse keeps an option's last value) and
+    every value passes the same type and choice checks as a typed flag.
+
+    Keys are flag names without the dashes (`max-num-seqs` or `max_num_seqs`); `true` turns a
+    switch on, `false` leaves it off; a list gives a multi-value flag its values. A key that no
+    flag of the subcommand has is refused by name.
+    """
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return argv
+    import tomllib
+
+    try:
+        with open(known.config, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {known.config!r}: cannot read it ({exc.strerror}); "
+                          "name an existing TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {known.config!r} is not valid TOML: {exc}") from exc
+    command = next((a for a in argv if a in COMMANDS), None)
+    sub = _subparser(parser, command)
+    actions = {opt: act for act in sub._actions for opt in act.option_strings}
+    tokens: list[str] = []
+    for key, value in table.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = actions.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            known_keys = sorted(o[2:] for o in actions if o.startswith("--")
+                                and o not in ("--config", "--help"))
+            raise ConfigError(f"--config {known.config!r}: unknown key {key!r}; the keys are "
+                              f"the flags of `infersim {command}`: {', '.join(known_keys)}")
+        if isinstance(value, dict):
+            raise ConfigError(f"--config {known.config!r}: key {key!r} is a table; give a "
+                              "plain value (a JSON flag such as speculative-config takes a "
+                              "string)")
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {known.config!r}: {key!r} is a switch; give true "
+                                  f"or false, got {value!r}")
+            if value:
+                tokens.append(flag)
+            continue
+        values = value if isinstance(value, list) else [value]
+        tokens.append(flag)
+        tokens.extend(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
+    where = argv.index(command) + 1 if command is not None else 0
+    return [*argv[:where], *tokens, *argv[where:]]
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    raise ConfigError("--config goes after a subcommand, e.g. `infersim simulate --config "
+                      "run.toml`")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = config_argv(parser, args)
+    except InfersimError as exc:
+        print(f"infersim: error: {exc}", file=sys.stderr)
+        return 2
+    ns = parser.parse_args(args)
     try:
         return COMMANDS[ns.command](ns)
     except InfersimError as exc:  # bad input: one line naming it, exit 2 (argparse's code)

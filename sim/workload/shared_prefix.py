@@ -21,6 +21,7 @@ from sim.workload.specs import (
     MAX_CHUNK_PROMPT_TOKENS,
     ArrivalProcess,
     RequestSpec,
+    Workload,
     make_workload,
 )
 
@@ -35,7 +36,7 @@ def shared_prefix_workload(
     num_system_prompts: int = 1,
     seed: int = 0,
     burstiness: float = 1.0,
-) -> Iterator[RequestSpec]:
+) -> Workload:
     """Request specs, in arrival order, whose prompts are `system prompt + user text`.
 
     `arrival` and `burstiness` mean what they mean to `make_workload` (a rate in requests/s
@@ -57,7 +58,12 @@ def shared_prefix_workload(
             "that long)")
     specs = make_workload(num_requests, arrival, user_len, output_len, seed=seed,
                           vocab_size=vocab_size, id_prefix="prefix", burstiness=burstiness)
-    return _with_system_prompts(specs, system_len, vocab_size, num_system_prompts, seed)
+    # re-iterable like every workload: each pass re-draws the same system prompts and picks
+    return Workload(
+        lambda: _with_system_prompts(iter(specs), system_len, vocab_size, num_system_prompts,
+                                     seed),
+        len(specs),
+    )
 
 
 def _with_system_prompts(

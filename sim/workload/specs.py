@@ -1,6 +1,8 @@
 """Workloads: the stream of requests (arrival time, prompt length, true output length) a run serves.
 
-`make_workload` is a lazy iterator of `RequestSpec`s. It draws arrivals, prompt lengths, output
+`make_workload` returns a `Workload`: a lazy, re-iterable stream of `RequestSpec`s (each pass
+starts over from the seed and yields the same specs, so a second `engine.run(workload)` serves
+the whole workload again rather than silently serving nothing). It draws arrivals, prompt lengths, output
 lengths and prompt token ids from four independent child streams of `SeedSequence(seed)`, so that
 changing (say) the output-length distribution never shifts the arrivals, and it generates them in
 chunks (4096 by default) so a million-request timing-only run never holds them all at once. The
@@ -18,7 +20,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,7 @@ __all__ = [
     "TraceArrivals",
     "TraceLengths",
     "UniformLength",
+    "Workload",
     "arrivals_from_rate",
     "check_burstiness",
     "load_azure_trace",
@@ -119,6 +122,30 @@ class RequestSpec:
             )
 
 
+class Workload:
+    """A re-iterable, lazy stream of `num_requests` request specs.
+
+    `iter(workload)` calls `make_specs()` afresh, so every pass is a new generator over the same
+    seeded values: a workload can be served twice (e.g. two engines compared on one workload)
+    without being materialised. `len(workload)` is the number of specs one pass yields.
+    """
+
+    __slots__ = ("_make_specs", "num_requests")
+
+    def __init__(self, make_specs: Callable[[], Iterator[RequestSpec]], num_requests: int):
+        self._make_specs = make_specs
+        self.num_requests = num_requests
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        return self._make_specs()
+
+    def __len__(self) -> int:
+        return self.num_requests
+
+    def __repr__(self) -> str:
+        return f"Workload(num_requests={self.num_requests})"
+
+
 def _as_length(value: LengthDistribution | int, what: str) -> LengthDistribution:
     if isinstance(value, bool):
         raise InfersimError(f"{what} must be a length distribution or an integer, got {value!r}")
@@ -162,8 +189,8 @@ def make_workload(
     id_prefix: str = "req",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     burstiness: float = 1.0,
-) -> Iterator[RequestSpec]:
-    """A lazy, seeded stream of `num_requests` request specs, in arrival order.
+) -> Workload:
+    """A lazy, seeded, re-iterable stream of `num_requests` request specs, in arrival order.
 
     `arrival` may be a rate in requests/s, whose gaps are gamma with shape `burstiness` (1 =
     Poisson; inf = all at once; see `arrivals_from_rate`), or an arrival process (then
@@ -195,8 +222,12 @@ def make_workload(
         )
     input_dist = _as_length(input_len, "input_len")
     output_dist = _as_length(output_len, "output_len")
-    return _generate(
-        num_requests, process, input_dist, output_dist, seed, vocab_size, id_prefix, chunk_size
+    return Workload(
+        lambda: _generate(
+            num_requests, process, input_dist, output_dist, seed, vocab_size, id_prefix,
+            chunk_size,
+        ),
+        num_requests,
     )
 
 
@@ -269,9 +300,10 @@ def workload_from_trace(
     max_output_len: int | None = None,
     vocab_size: int | None = None,
     id_prefix: str = "req",
-) -> Iterator[RequestSpec]:
-    """Requests with the trace's lengths (in order), arriving at the trace's own times, or at
-    `request_rate` requests/s (Poisson, or gamma with `burstiness`; inf = all at once).
+) -> Workload:
+    """Requests (re-iterable, see `Workload`) with the trace's lengths (in order), arriving at
+    the trace's own times, or at `request_rate` requests/s (Poisson, or gamma with
+    `burstiness`; inf = all at once).
 
     `num_requests` defaults to the whole trace; with a request rate it may exceed the trace,
     and the lengths then cycle. `max_prompt_len` / `max_output_len` clip the lengths (e.g. to
