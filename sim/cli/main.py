@@ -200,6 +200,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                         "1/sqrt(burstiness)), for synthetic, shared-prefix and re-timed trace "
                         "workloads alike: 1 = Poisson, < 1 burstier, > 1 smoother; finite and "
                         "> 0, and needs a finite --request-rate")
+    w.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests in flight (client side, as vllm bench "
+                        "serve): a request due while that many are unfinished is sent when one "
+                        "ends, and its latencies count from then; default: no cap")
     w.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=512,
                    help="random / shared-prefix: prompt tokens (own tokens after the system "
                         "prompt)")

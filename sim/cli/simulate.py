@@ -295,7 +295,7 @@ def vllm_keys(ns: argparse.Namespace, per: PerRequest, slos_s: dict[str, float],
         "num_prompts": len(per.errors),
         "request_rate": rate if math.isfinite(rate) else "inf",
         "burstiness": ns.burstiness,
-        "max_concurrency": None,
+        "max_concurrency": ns.max_concurrency,
         "request_goodput": (float(good.sum()) / duration_s if slos_s and duration_s > 0
                             else None),
         # infersim's share of all requests (rejected and aborted included) meeting every SLO
@@ -372,7 +372,8 @@ def run_simulate(ns: argparse.Namespace) -> int:
             per.add(req)
 
     try:
-        result = engine.run(workload, keep_requests=False, on_finish=finished)
+        result = engine.run(workload, keep_requests=False, on_finish=finished,
+                            max_concurrency=ns.max_concurrency)
     finally:
         bar.close()
     summary = result.metrics.summary(slo_ttft_s=slos_s.get("ttft"), slo_tpot_s=slos_s.get("tpot"))

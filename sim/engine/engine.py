@@ -236,8 +236,13 @@ class Engine:
         keep_requests: bool = True,
         on_finish: Callable[[Request], None] | None = None,
         record_steps: bool = False,
+        max_concurrency: int | None = None,
     ) -> SimulationResult:
         """Simulate `requests` (sorted by arrival) to completion.
+
+        `max_concurrency` caps the requests in flight as `vllm bench serve --max-concurrency`
+        does on the client side: a request due while that many are unfinished waits and is
+        sent (its arrival time set to then) when one ends.
 
         `keep_requests=False` keeps only streaming metrics (flat memory for huge workloads);
         `on_finish` sees each request as it ends (e.g. a progress bar); `record_steps` keeps a
@@ -245,7 +250,8 @@ class Engine:
         lane's steps, labelled by lane). The loop is `sim.engine.loop.EngineLoop`, one for
         every parallel layout.
         """
-        return run_engine(self, requests, keep_requests, on_finish, record_steps)
+        return run_engine(self, requests, keep_requests, on_finish, record_steps,
+                          max_concurrency)
 
     def admission_control(self) -> AdmissionControl:
         a = self.args

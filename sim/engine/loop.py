@@ -29,6 +29,7 @@ al., MLSys'24) for the simulated-clock serving loop.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,11 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, keep_requests: bool = True,
                  on_finish: Callable[[Request], None] | None = None,
-                 record_steps: bool = False) -> None:
+                 record_steps: bool = False, max_concurrency: int | None = None) -> None:
+        if max_concurrency is not None and (type(max_concurrency) is not int
+                                            or max_concurrency < 1):
+            raise ConfigError(f"max_concurrency={max_concurrency!r} must be a whole number >= 1 "
+                              "(requests in flight at once), or None for no cap")
         dp, pp = engine.plan.dp, engine.plan.pp
         self.engine = engine
         self.lanes = build_lanes(engine)
@@ -73,6 +78,11 @@ class EngineLoop:
         self._source: Iterator[Request | RequestSpec] = iter(())
         self._num_arrived = 0
         self._last_arrival_s = 0.0
+        # the client-side cap (`vllm bench serve --max-concurrency`): requests in flight, and
+        # those held until one ends (FIFO)
+        self.max_concurrency = max_concurrency
+        self._in_flight = 0
+        self._held: deque[Request] = deque()
 
     def run(self, requests: Iterable[Request | RequestSpec]) -> SimulationResult:
         """Simulate `requests` (sorted by arrival) to completion."""
@@ -97,6 +107,12 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ handlers
     def _on_arrival(self, req: Request, now_s: float) -> None:
+        if self.max_concurrency is not None:
+            if self._in_flight >= self.max_concurrency:  # the client holds it until one ends
+                self._held.append(req)
+                self._next_arrival()
+                return
+            self._in_flight += 1 + len(req.forks)
         lane = self.hooks.router.route(req)
         lane.outstanding += 1 + len(req.forks)  # samples count one each
         if self.coaster is not None and lane.busy:  # the lane's coasted steps stop here
@@ -180,6 +196,14 @@ class EngineLoop:
 
     def _end(self, lane: Lane, req: Request) -> None:
         lane.outstanding -= 1
+        if self.max_concurrency is not None:
+            self._in_flight -= 1
+            if self._held and self._in_flight < self.max_concurrency:
+                held = self._held.popleft()
+                held.arrival_s = self.clock.now_s  # sent now: its latencies count from here
+                for sample in held.forks:
+                    sample.arrival_s = held.arrival_s
+                self.clock.schedule(held.arrival_s, Arrival(held))
         self.metrics.record(request_times(req))
         self.executors[lane.replica].release(req)
         if self.keep_requests:
@@ -225,6 +249,8 @@ class EngineLoop:
 
 def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],
                keep_requests: bool = True, on_finish: Callable[[Request], None] | None = None,
-               record_steps: bool = False) -> SimulationResult:
+               record_steps: bool = False, max_concurrency: int | None = None
+               ) -> SimulationResult:
     """Simulate `requests` (sorted by arrival) to completion on `engine`'s lanes (`Engine.run`)."""
-    return EngineLoop(engine, keep_requests, on_finish, record_steps).run(requests)
+    return EngineLoop(engine, keep_requests, on_finish, record_steps,
+                      max_concurrency).run(requests)
