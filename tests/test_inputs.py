@@ -234,11 +234,11 @@ def test_workload_sizes_are_checked_before_drawing():
     with pytest.raises(InfersimError, match="100,000,000,000 tokens"):
         make_workload(1, math.inf, 10**11, 4)
     with pytest.raises(InfersimError, match="prompt tokens"):
-        next(make_workload(4, math.inf, 2**25, 4, vocab_size=100))
+        next(iter(make_workload(4, math.inf, 2**25, 4, vocab_size=100)))
     # found by tests/test_fuzz.py: --num-prompts 1e30 hung, then ran out of memory
     with pytest.raises(InfersimError, match="arriving at once"):
         make_workload(10**30, math.inf, 8, 4)
-    assert next(make_workload(10**30, 10.0, 8, 4)).request_id == "req-0"  # streams lazily
+    assert next(iter(make_workload(10**30, 10.0, 8, 4))).request_id == "req-0"  # streams lazily
 
 
 def test_functional_prompt_longer_than_context_is_rejected_without_ids():
