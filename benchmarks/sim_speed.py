@@ -172,6 +172,8 @@ def main() -> None:
             row["splitwise_wall / wall"] = round(peer / float(row["wall_s"]), 2)  # type: ignore[arg-type]
     if ns.million:
         rows.extend(million([125_000, 250_000, 500_000, 1_000_000]))
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # one column set for the table
+    rows = [{k: row.get(k, "") for k in keys} for row in rows]
     load = os.getloadavg()
     print_table(f"Simulation speed (load average {load[0]:.2f}, {os.cpu_count()} CPUs)", rows)
     print(f"\nwrote {write_json('sim_speed', {'load_average': load, 'rows': rows})}")
