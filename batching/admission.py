@@ -133,6 +133,11 @@ class AdmissionControl:
         queue = [[r.num_computed, r.num_prompt_tokens] for r in batch.running
                  if r.num_computed < r.num_prompt_tokens]
         queue += [[r.num_computed, r.num_prompt_tokens] for r in waiting]
+        if not batch.chunked:  # a prompt no step can hold is refused by `never_runs`, not here
+            limit = batch.max_num_batched_tokens
+            if request.num_prompt_tokens > limit:
+                return 0.0
+            queue = [q for q in queue if q[1] - q[0] <= limit]
         queue.append([0, request.num_prompt_tokens])
         mine = queue[-1]
         t_s = 0.0
