@@ -25,6 +25,7 @@ the measured acceptance and the load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -76,20 +77,33 @@ def acceptance_from_counts(accepted: np.ndarray, proposed: np.ndarray) -> float:
 
 
 class AdaptiveK:
-    """k per step from the measured acceptance: `optimal_k(a_hat, c, k_max)`, at least 1 so
-    that acceptance keeps being measured. `a_hat` starts at `prior` (weight `prior_weight`
-    observations) and forgets old steps by `decay` per observed step."""
+    """k per step from the measured acceptance: `optimal_k(a_hat, c, k_max)`, which may be 0
+    (speculation off when it does not pay). While off, every `probe_every`-th decision drafts
+    one token so that acceptance keeps being measured and speculation can come back.
+    `a_hat` starts at `prior` (weight `prior_weight` observations) and forgets old steps by
+    `decay` per observed step. `cost_at(batch_size)` gives c at the current batch (a draft
+    decode step over a target decode step of that many sequences); without it c is fixed.
+
+    Follows the closed form of Leviathan et al. 2023 (sec. 3.3, optimal gamma), with c taken at
+    the running batch as vLLM's dynamic speculation (Liu et al. 2024, "Optimizing Speculative
+    Decoding for Serving LLMs Using Goodput") does.
+    """
 
     def __init__(self, c: float, k_max: int, prior: float = 0.5, prior_weight: float = 4.0,
-                 decay: float = 0.98) -> None:
+                 decay: float = 0.98, cost_at: Callable[[int], float] | None = None,
+                 probe_every: int = 16) -> None:
         if not 0 < decay <= 1:
             raise ConfigError(f"decay must be in (0, 1], got {decay}")
+        if probe_every < 1:
+            raise ConfigError(f"probe_every must be >= 1, got {probe_every}")
         self.c = c
         self.k_max = k_max
         self.decay = decay
+        self.cost_at = cost_at
+        self.probe_every = probe_every
         self.successes = prior * prior_weight
         self.failures = (1 - prior) * prior_weight
-        self._k = optimal_k(self.acceptance, c, k_max, 1)
+        self.num_off = 0  # consecutive decisions with speculation off (k = 0)
 
     @property
     def acceptance(self) -> float:
@@ -98,10 +112,16 @@ class AdaptiveK:
     def observe(self, num_accepted: int, num_proposed: int) -> None:
         self.successes = self.decay * self.successes + num_accepted
         self.failures = self.decay * self.failures + (num_accepted < num_proposed)
-        self._k = optimal_k(self.acceptance, self.c, self.k_max, 1)
 
-    def k(self) -> int:
-        return self._k
+    def k(self, batch_size: int = 1) -> int:
+        """k for a sequence in a batch of `batch_size` sequences."""
+        c = self.c if self.cost_at is None else self.cost_at(max(1, batch_size))
+        k = optimal_k(self.acceptance, c, self.k_max, 0)
+        if k:
+            self.num_off = 0
+            return k
+        self.num_off += 1
+        return 1 if self.num_off % self.probe_every == 0 else 0  # a probe keeps a_hat fresh
 
 
 def _check(a: float, k: int) -> None:

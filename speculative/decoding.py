@@ -83,6 +83,9 @@ class Speculation:
             self.draft_cost = CostModel(self.draft_shape, engine.hardware,
                                         dtype=engine.timing_dtype)
             self.c = cost_ratio(self.draft_cost, engine.cost_model)
+        self._target_cost = engine.cost_model
+        self._c_by_batch: dict[int, float] = {}  # batch size (a power of two) -> c
+        self._batch_size = 1  # sequences in the last priced step: the current batch's estimate
         self.proposer: BatchProposer | None = None  # functional mode's
         self.draft_description = "" if self.draft_shape is None else self.draft_shape.name
         if self.functional:
@@ -154,7 +157,8 @@ class Speculation:
     def reset(self) -> None:
         """Fresh counters (one run)."""
         k = self.k_max
-        self.adaptive = AdaptiveK(self.c, k) if self.config.adaptive else None
+        self.adaptive = (AdaptiveK(self.c, k, cost_at=self._c_at) if self.config.adaptive
+                         else None)
         self._draft_seen: dict[str, tuple[int, int]] = {}  # rid -> (num_tokens, k) last drafted
         self.num_steps = 0  # verification steps (one per speculating sequence per step)
         self.num_proposed = 0
@@ -166,9 +170,18 @@ class Speculation:
         self.position_accepted = np.zeros(self.num_positions, dtype=np.int64)  # [k]
 
     # ------------------------------------------------------------------ control
+    def _c_at(self, batch_size: int) -> float:
+        """c (draft step / target step) at `batch_size` rounded up to a power of two (cached):
+        at large batches the target's step turns compute-bound and the draft's share grows."""
+        bucket = 1 << (batch_size - 1).bit_length()
+        if bucket not in self._c_by_batch:
+            self._c_by_batch[bucket] = (0.0 if self.draft_cost is None else cost_ratio(
+                self.draft_cost, self._target_cost, batch_size=bucket))
+        return self._c_by_batch[bucket]
+
     def num_spec_tokens(self, req: Request, budget: int, max_model_len: int) -> int:
         """Draft tokens to verify after `req`'s decode token this step."""
-        k = self.adaptive.k() if self.adaptive is not None else self.k_max
+        k = self.adaptive.k(self._batch_size) if self.adaptive is not None else self.k_max
         left = max_model_len - req.num_tokens - 1  # drafts + bonus stay within max_model_len
         if req.sampling.max_tokens is not None:  # no point drafting past max_tokens
             left = min(left, req.sampling.max_tokens - req.num_output_tokens - 1)
@@ -184,6 +197,7 @@ class Speculation:
     def draft_time_s(self, plan: StepPlan) -> float:
         """Seconds the draft model runs this step: k autoregressive draft steps on the same GPU
         (0 for n-gram lookup)."""
+        self._batch_size = len(plan.seqs)
         if self.draft_cost is None:
             return 0.0
         new: list[int] = []

@@ -261,7 +261,8 @@ class Engine:
             return cost.step_time_s((max(num_tokens, 1),), (0,), 1)
 
         return AdmissionControl(a.admission_max_waiting, a.admission_rate_per_s,
-                                a.admission_burst, a.admission_ttft_slo_s, prefill_s)
+                                a.admission_burst, a.admission_ttft_slo_s, prefill_s,
+                                cost.step_time_s)
 
     def price(self, plan: StepPlan) -> StepCharge:
         """The charge of a one-stage step: the cost model's price of its shape, the draft
