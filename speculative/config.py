@@ -15,7 +15,15 @@ Ours:
   probability, seeded per request) or `acceptance_trace` (a JSON trace from
   `speculative.acceptance`, replayed per request);
 - `adaptive`: choose k each step from the measured acceptance (`speculative.analysis`), up to
-  `num_speculative_tokens`.
+  `num_speculative_tokens`;
+- `draft_tensor_parallel_size` (vLLM's name): with tensor parallelism, the draft runs sharded
+  over the whole TP group (the default, as vLLM: its all-reduces priced like the target's) or
+  whole on one rank (1: no collectives, but that rank holds all of the draft's weights and KV,
+  so its KV pool binds the group's).
+
+The draft model's weights and its KV for every cached token are taken out of the KV pool
+(`draft_model_shape` is the shape both the memory plan and the pricer use); n-gram lookup
+needs neither.
 
 References: vLLM `vllm/config/speculative.py` (SpeculativeConfig keys); Leviathan et al. 2023.
 """
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sim.core.errors import ConfigError, suggest
+from sim.core.model_config import ModelConfig
 
 #: the one list of `speculative_config` methods (`EngineArgs` validates through this config)
 METHODS = ("draft_model", "ngram")
@@ -48,6 +57,7 @@ class SpeculativeConfig:
     acceptance_trace: str | None = None
     adaptive: bool = False
     tree: tuple[int, ...] | None = None  # branching factors of a token tree (speculative.tree)
+    draft_tensor_parallel_size: int | None = None  # None: the target's TP degree (as vLLM)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,6 +75,11 @@ class SpeculativeConfig:
             raise ConfigError(f"draft_noise_scale must be a finite number >= 0, got {noise}")
         if self.draft_num_layers is not None and self.draft_num_layers < 1:
             raise ConfigError(f"draft_num_layers must be >= 1, got {self.draft_num_layers}")
+        dtp = self.draft_tensor_parallel_size
+        if dtp is not None and (not isinstance(dtp, int) or isinstance(dtp, bool) or dtp < 1):
+            raise ConfigError("speculative_config draft_tensor_parallel_size must be an int >= 1 "
+                              f"(1: the draft on one rank; the target's tensor_parallel_size: "
+                              f"sharded like it), got {dtp!r}")
         if self.tree is not None:
             from speculative.tree import TreeShape
 
@@ -81,9 +96,11 @@ class SpeculativeConfig:
         if rate is not None and self.acceptance_trace is not None:
             raise ConfigError("give acceptance_rate or acceptance_trace, not both")
         if self.method == "ngram" and (self.model is not None or noise is not None
-                                       or self.draft_num_layers is not None):
+                                       or self.draft_num_layers is not None
+                                       or dtp is not None):
             raise ConfigError("method='ngram' uses no draft model: drop model / "
-                              "draft_noise_scale / draft_num_layers")
+                              "draft_noise_scale / draft_num_layers / "
+                              "draft_tensor_parallel_size")
 
     @classmethod
     def from_any(cls, value: SpeculativeConfig | dict[str, Any] | str) -> SpeculativeConfig:
@@ -125,6 +142,31 @@ class SpeculativeConfig:
             parts.append(f"acceptance trace {self.acceptance_trace}")
         if self.adaptive:
             parts.append("adaptive k")
+        if self.draft_tensor_parallel_size is not None:
+            parts.append(f"draft TP={self.draft_tensor_parallel_size}")
         if self.tree is not None:
             parts[1] = f"tree {list(self.tree)}"
         return ", ".join(parts)
+
+
+def draft_model_shape(cfg: SpeculativeConfig, target: ModelConfig) -> ModelConfig | None:
+    """The shape the draft is priced and sized as: `model`'s, else the target truncated to
+    `draft_num_layers`, else the target itself; None for n-gram lookup (no draft model)."""
+    if cfg.method != "draft_model":
+        return None
+    if cfg.model is not None:
+        from sim.model.zoo import resolve_model
+
+        return resolve_model(cfg.model)
+    if cfg.draft_num_layers is not None:
+        if cfg.draft_num_layers > target.n_layer:
+            raise ConfigError(f"draft_num_layers={cfg.draft_num_layers} exceeds the target's "
+                              f"{target.n_layer} layers; use at most {target.n_layer}")
+        return target.replace(n_layer=cfg.draft_num_layers,
+                              name=f"{target.name}[:{cfg.draft_num_layers} layers]")
+    return target
+
+
+def draft_tp(cfg: SpeculativeConfig, tensor_parallel_size: int) -> int:
+    """The draft's TP degree: `draft_tensor_parallel_size`, or the target's when not given."""
+    return cfg.draft_tensor_parallel_size or tensor_parallel_size

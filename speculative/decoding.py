@@ -17,8 +17,11 @@
   `acceptance_rate` (i.i.d.) or `acceptance_trace` (replayed) (`acceptance`);
 - **observation**: accepted / proposed counts per step, per draft position and per request.
 
-Left out (said in the README): the draft model's weights and KV do not shrink the target's KV
-pool; speculation runs with the continuous scheduler on one GPU (no TP/PP/DP).
+The draft model's weights and KV come out of the target's KV pool (`sim.engine.build
+build_memory_plan`). With tensor parallelism the target verifies sharded and the draft runs on the
+TP group or on one rank (`draft_tensor_parallel_size`; priced by `sim.engine.build
+build_draft_cost`). Left out (said in the README): pipeline and data parallelism (the engine loop
+runs speculation on one lane).
 
 References: vLLM `vllm/v1/spec_decode/` and `vllm/v1/core/sched/scheduler.py` (spec tokens in the
 token budget, `num_computed_tokens` moved back by the rejected count); Leviathan et al. 2023.
@@ -31,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sim.core.errors import ConfigError
+from sim.core.protocols import Pricer
 from sim.core.request import Request
 from sim.core.step import StepPlan, StepResult
-from sim.model.zoo import resolve_model
 from sim.timing.cost_model import CostModel
 from speculative.analysis import AdaptiveK, cost_ratio
-from speculative.config import SpeculativeConfig
+from speculative.config import SpeculativeConfig, draft_model_shape
 
 if TYPE_CHECKING:  # the executors import the functional model: only functional runs need it
     from sim.executor.functional import Speculator
@@ -50,7 +53,7 @@ SpeculationSummary = dict[str, str | int | float | list[float]]
 class Speculation:
     """The engine's speculative-decoding component (see module doc)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, draft_cost: Pricer | None = None) -> None:
         args = engine.args
         cfg = SpeculativeConfig.from_any(args.speculative_config)
         self.config = cfg
@@ -64,30 +67,25 @@ class Speculation:
         # sim.engine.compat's speculative_config rules)
         self.functional = args.mode == "functional"
         self.seed = args.seed
-        self.draft_shape = None
-        self.draft_cost: CostModel | None = None
+        self.draft_shape = draft_model_shape(cfg, engine.model_config)
+        #: the draft's pricer: given by the engine (`sim.engine.build.build_draft_cost`: on
+        #: the TP group or one rank), else the draft shape on one GPU
+        self.draft_cost: Pricer | None = draft_cost
         self.c = 0.0  # draft step / target step, batch 1 (n-gram lookup: free)
-        if cfg.method == "draft_model":
-            target = engine.model_config
-            if cfg.model is not None:
-                self.draft_shape = resolve_model(cfg.model)
-            elif cfg.draft_num_layers is not None:
-                if cfg.draft_num_layers > target.n_layer:
-                    raise ConfigError(f"draft_num_layers={cfg.draft_num_layers} exceeds the "
-                                      f"target's {target.n_layer} layers")
-                self.draft_shape = target.replace(
-                    n_layer=cfg.draft_num_layers,
-                    name=f"{target.name}[:{cfg.draft_num_layers} layers]")
-            else:
-                self.draft_shape = target
-            self.draft_cost = CostModel(self.draft_shape, engine.hardware,
-                                        dtype=engine.timing_dtype)
+        if self.draft_shape is not None:
+            if self.draft_cost is None:
+                self.draft_cost = CostModel(self.draft_shape, engine.hardware,
+                                            dtype=engine.timing_dtype)
             self.c = cost_ratio(self.draft_cost, engine.cost_model)
         self._target_cost = engine.cost_model
         self._c_by_batch: dict[int, float] = {}  # batch size (a power of two) -> c
         self._batch_size = 1  # sequences in the last priced step: the current batch's estimate
         self.proposer: BatchProposer | None = None  # functional mode's
         self.draft_description = "" if self.draft_shape is None else self.draft_shape.name
+        memory = engine.memory  # the plan took the draft's weights and KV out of the pool
+        self.memory_text = "" if self.draft_shape is None else (
+            f"draft memory {memory.draft_weight_bytes / 2**30:.2f} GiB of weights + "
+            f"{memory.draft_kv_bytes_per_token / 2**10:.1f} KiB of KV per token per GPU")
         if self.functional:
             self.proposer = self._proposer(engine)
         self.reset()
@@ -127,6 +125,7 @@ class Speculation:
             if self.functional:
                 text += f"; functional draft {self.draft_description}"
             text += f"; draft priced as {self.draft_shape.name} (c={self.c:.3f})"
+            text += f"; {self.memory_text}"
         return text
 
     def verifier(self, num_layers: int) -> Speculator:

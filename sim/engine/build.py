@@ -23,7 +23,8 @@ from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
 from sim.executor.timing import TimingExecutor
 from sim.model.tokenizer import ByteTokenizer
 from sim.timing.cost_model import CostModel
-from sim.timing.memory_plan import MemoryPlan
+from sim.timing.memory_plan import MemoryPlan, with_draft
+from speculative.config import draft_model_shape, draft_tp
 
 if TYPE_CHECKING:
     from sim.engine.engine import Engine
@@ -65,7 +66,34 @@ def build_memory_plan(engine: Engine, kv_dtype: str | None) -> MemoryPlan:
 
         memory = quantized_memory_plan(memory, engine.model_config, quant, engine.plan.tp,
                                        engine.plan.pp)
+    spec = args.speculative_config
+    draft = None if spec is None else draft_model_shape(spec, engine.model_config)
+    if spec is not None and draft is not None:  # the draft's weights and KV share the pool
+        memory = with_draft(memory, draft, dtype=engine.timing_dtype,
+                            draft_tensor_parallel_size=draft_tp(spec, engine.plan.tp))
     return memory
+
+
+def build_draft_cost(engine: Engine) -> Pricer | None:
+    """The speculative draft model's pricer: None without a draft model (n-gram lookup is
+    free); on one GPU when the target is, or when `draft_tensor_parallel_size=1` puts it on
+    one rank of the TP group (no collectives); else sharded over the TP group like the target,
+    its all-reduces priced by the same collective implementation (as vLLM runs a draft by
+    default, `draft_tensor_parallel_size` = the target's)."""
+    spec = engine.args.speculative_config
+    draft = None if spec is None else draft_model_shape(spec, engine.model_config)
+    if spec is None or draft is None:
+        return None
+    dtp = draft_tp(spec, engine.plan.tp)
+    if dtp == 1:
+        return CostModel(draft, engine.hardware, dtype=engine.timing_dtype)
+    from parallel.collectives import CommMode
+    from parallel.cost import ParallelCostModel
+    from parallel.plan import ParallelPlan
+
+    mode = CommMode.from_flags(engine.args.enforce_eager, engine.args.disable_custom_all_reduce)
+    return ParallelCostModel(draft, engine.hardware, ParallelPlan.from_args(dtp, 1, 1, False),
+                             dtype=engine.timing_dtype, comm_mode=mode)
 
 
 def build_functional(engine: Engine) -> tuple[Any, Any, frozenset[int], str]:

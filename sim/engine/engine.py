@@ -35,6 +35,7 @@ from sim.core.step import StepPlan
 from sim.engine.args import EngineArgs
 from sim.engine.build import (
     build_cost_model,
+    build_draft_cost,
     build_functional,
     build_memory_plan,
     kv_text,
@@ -120,14 +121,16 @@ class Engine:
         if args.speculative_config is not None:
             from speculative.decoding import Speculation
 
-            self.speculation = Speculation(self)
+            self.speculation = Speculation(self, draft_cost=build_draft_cost(self))
             self.description += f"; speculative: {self.speculation.describe()}"
 
     # ------------------------------------------------------------------ building blocks
     @property
     def kv_block_bytes(self) -> float:
-        """Bytes of one KV block of the target model on one GPU (what a swap moves)."""
-        return self.memory.kv_bytes_per_token * self.args.block_size
+        """Bytes of one KV block on one GPU (what a swap moves): the target's KV, plus the
+        speculative draft's for the same tokens when a draft model shares the pool."""
+        per_token = self.memory.kv_bytes_per_token + self.memory.draft_kv_bytes_per_token
+        return per_token * self.args.block_size
 
     def charge(self, plan: StepPlan, busy_s: float, draft_s: float = 0.0) -> StepCharge:
         """The step's charge: `busy_s` of compute (`draft_s` of it the draft model's), then the

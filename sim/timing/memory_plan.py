@@ -15,6 +15,16 @@ a = activation bytes, 2 for 16-bit, 4 for float32):
     logits  = 2 x 4 R n_vocab,   R = min(max_num_seqs, M) rows of fp32 logits and probabilities
     peak    = hidden + max(attn, mlp, logits)
 
+With speculative decoding by a draft model (`with_draft`), the draft's weights (its TP shard, or
+all of them on one rank when `draft_tensor_parallel_size=1`) come out of the pool too, and every
+KV block holds the draft's KV for its tokens beside the target's (the draft caches the same
+context), so a block costs `(kv_target + kv_draft) x block_size` bytes. vLLM sizes its pool the
+same way: the draft is loaded before the profiling run and its KV layers share the block table
+(`vllm/v1/worker/gpu_model_runner.py`: the drafter is loaded in `load_model`, and its attention
+layers get KV cache specs beside the target's). The
+draft's activations are not added: it runs before the target's forward, not beside it, and its
+peak is below the target's.
+
 Embedding and LM-head weights stay in 16 bit under weight quantisation (as AWQ/GPTQ/fp8
 checkpoints keep them); every other weight is divided evenly over the TP GPUs (norms and replicated
 KV heads are a rounding error here).
@@ -25,7 +35,7 @@ memory left after a profiling forward); Pope et al. 2022 (memory accounting of i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sim.core.dtypes import canonical_dtype, dtype_bytes
@@ -103,15 +113,22 @@ class MemoryPlan:
     kv_bytes_per_token: float
     num_kv_tokens: int
     num_kv_blocks: int
+    #: the speculative draft model's share (`with_draft`; zero without one)
+    draft_model_name: str = ""
+    draft_tensor_parallel_size: int = 1
+    draft_weight_bytes: float = 0.0
+    draft_kv_bytes_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("capacity_bytes", "budget_bytes", "weight_bytes", "activation_peak_bytes",
-                    "kv_bytes_per_token", "num_kv_tokens", "num_kv_blocks"):
+                    "kv_bytes_per_token", "num_kv_tokens", "num_kv_blocks",
+                    "draft_weight_bytes", "draft_kv_bytes_per_token"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"MemoryPlan.{key} must be >= 0, got {getattr(self, key)}")
-        if self.weight_bytes + self.activation_peak_bytes + self.kv_pool_bytes > \
-                self.budget_bytes * (1 + 1e-12):
-            raise ConfigError("MemoryPlan: weights + activations + KV pool exceed the budget")
+        if (self.weight_bytes + self.draft_weight_bytes + self.activation_peak_bytes
+                + self.kv_pool_bytes > self.budget_bytes * (1 + 1e-12)):
+            raise ConfigError("MemoryPlan: weights + draft weights + activations + KV pool "
+                              "exceed the budget")
 
     def max_concurrent_requests(self, seq_len: int) -> int:
         """Requests of `seq_len` tokens whose KV fits at once (whole blocks each)."""
@@ -126,6 +143,10 @@ class MemoryPlan:
             ("capacity", self.capacity_bytes),
             (f"budget ({self.gpu_memory_utilization:g} x capacity)", self.budget_bytes),
             (f"weights ({self.dtype})", self.weight_bytes),
+        ]
+        if self.draft_model_name:
+            rows.append(("draft weights", self.draft_weight_bytes))
+        rows += [
             ("activation peak", self.activation_peak_bytes),
             (f"KV pool ({self.kv_cache_dtype})", self.kv_pool_bytes),
         ]
@@ -134,6 +155,13 @@ class MemoryPlan:
                    if self.tensor_parallel_size > 1 else ""))
         lines = [head] + [f"  {label:<28} {val / GIB:>9.2f} GiB" for label, val in rows]
         lines.append(f"  KV per token                 {self.kv_bytes_per_token / 2**10:>9.1f} KiB")
+        if self.draft_model_name:
+            where = (f", TP={self.draft_tensor_parallel_size}"
+                     if self.draft_tensor_parallel_size > 1
+                     else ", whole on this rank" if self.tensor_parallel_size > 1 else "")
+            lines.append(f"  draft KV per token           "
+                         f"{self.draft_kv_bytes_per_token / 2**10:>9.1f} KiB "
+                         f"({self.draft_model_name}{where})")
         lines.append(f"  KV capacity                  {self.num_kv_tokens:>9,} tokens = "
                      f"{self.num_kv_blocks:,} blocks of {self.block_size}")
         return "\n".join(lines)
@@ -178,6 +206,40 @@ def plan_memory(model: ModelConfig, hardware: HardwareProfile, *, dtype: str | N
         kv_bytes_per_token=kv_per_token, num_kv_tokens=num_blocks * block_size,
         num_kv_blocks=num_blocks,
     )
+
+
+def with_draft(plan: MemoryPlan, draft: ModelConfig, *, dtype: str,
+               draft_tensor_parallel_size: int = 1) -> MemoryPlan:
+    """`plan` with a speculative draft model's weights taken out of its KV pool and the draft's
+    KV per token added to every block (module docstring); the pool is re-cut into fewer blocks.
+
+    `dtype` is the draft's weight dtype; its KV uses the plan's `kv_cache_dtype`. With
+    `draft_tensor_parallel_size` 1 this GPU holds the whole draft (the rank the draft runs on:
+    the group's binding rank). Raises `DoesNotFitError` when no KV block is left."""
+    dtp = draft_tensor_parallel_size
+    if draft.n_head % dtp or (draft.n_kv_head % dtp and dtp % draft.n_kv_head):
+        raise ConfigError(
+            f"draft_tensor_parallel_size {dtp} must divide the draft's n_head ({draft.n_head}) "
+            f"and divide or be a multiple of its n_kv_head ({draft.n_kv_head}) for "
+            f"{draft.name}; use draft_tensor_parallel_size=1 (the draft on one rank)")
+    draft_weights = weight_bytes_per_gpu(draft, dtype, dtp)
+    draft_kv = kv_bytes_per_token_per_gpu(draft, plan.kv_cache_dtype, dtp)
+    pool = plan.budget_bytes - plan.weight_bytes - draft_weights - plan.activation_peak_bytes
+    block_bytes = (plan.kv_bytes_per_token + draft_kv) * plan.block_size
+    num_blocks = int(max(0.0, pool) // block_bytes)
+    if num_blocks < 1:
+        short = block_bytes - pool
+        raise DoesNotFitError(
+            f"{plan.model_name} with the draft {draft.name} does not fit on "
+            f"{plan.hardware_name}: {draft_weights / GIB:.2f} GiB of draft weights leave no "
+            f"KV block (short by {short / GIB:.2f} GiB of the {plan.budget_bytes / GIB:.1f} GiB "
+            f"budget); use a smaller draft (draft_num_layers or model), raise "
+            f"gpu_memory_utilization, shard the draft (draft_tensor_parallel_size) or use "
+            f"n-gram speculation (method='ngram', no weights)")
+    return replace(plan, kv_pool_bytes=pool, num_kv_tokens=num_blocks * plan.block_size,
+                   num_kv_blocks=num_blocks, draft_model_name=draft.name,
+                   draft_tensor_parallel_size=dtp, draft_weight_bytes=draft_weights,
+                   draft_kv_bytes_per_token=draft_kv)
 
 
 def _check_tp(model: ModelConfig, tp: int) -> None:
