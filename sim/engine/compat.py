@@ -83,6 +83,9 @@ def _beam(p: SamplingParams | None) -> bool:
 
 _SPEC = {"method": "ngram", "num_speculative_tokens": 2}
 _SPEC_TIMING = {**_SPEC, "acceptance_rate": 0.7}
+_SPEC_TREE = {"method": "draft_model", "draft_noise_scale": 0.1, "tree": (2, 2)}
+_SPEC_DRAFT_TP = {"method": "draft_model", "draft_noise_scale": 0.1,
+                  "draft_tensor_parallel_size": 4}
 _BEAM = {"n": 2, "use_beam_search": True, "temperature": 0.0}
 
 RULES: tuple[Rule, ...] = (
@@ -197,16 +200,35 @@ RULES: tuple[Rule, ...] = (
          "kv_cache='paged' or 'contiguous', not 'none'",
          lambda a, p: a.speculative_config is not None and a.kv_cache == "none",
          {"kv_cache": "none", "speculative_config": _SPEC}),
-    Rule(("speculative_config", "tensor_parallel_size", "pipeline_parallel_size",
-          "data_parallel_size"),
-         "speculative decoding (`speculative_config`) with `tensor_parallel_size`, "
-         "`pipeline_parallel_size` or `data_parallel_size` > 1",
-         "speculative decoding (speculative_config) is simulated on one GPU and one lane: use "
-         "tensor_parallel_size = pipeline_parallel_size = data_parallel_size = 1, or drop "
-         "speculative_config",
-         lambda a, p: a.speculative_config is not None and (_sharded(a)
+    Rule(("speculative_config", "pipeline_parallel_size", "data_parallel_size"),
+         "speculative decoding (`speculative_config`) with `pipeline_parallel_size` or "
+         "`data_parallel_size` > 1",
+         "speculative decoding (speculative_config) runs on one lane (tensor parallelism is "
+         "supported; pipeline stages and data-parallel replicas are not): use "
+         "pipeline_parallel_size = data_parallel_size = 1, or drop speculative_config",
+         lambda a, p: a.speculative_config is not None and (a.pipeline_parallel_size > 1
                                                             or a.data_parallel_size > 1),
          {"speculative_config": _SPEC, "data_parallel_size": 2}),
+    Rule(("speculative_config", "tensor_parallel_size"),
+         "`speculative_config` `draft_tensor_parallel_size` other than 1 or "
+         "`tensor_parallel_size`",
+         "speculative_config draft_tensor_parallel_size must be 1 (the draft on one rank) or "
+         "tensor_parallel_size (the draft sharded over the TP group, the default), as in vLLM; "
+         "use one of them or drop the key",
+         lambda a, p: (a.speculative_config is not None
+                       and a.speculative_config.draft_tensor_parallel_size is not None
+                       and a.speculative_config.draft_tensor_parallel_size
+                       not in (1, a.tensor_parallel_size)),
+         {"speculative_config": _SPEC_DRAFT_TP, "tensor_parallel_size": 2}),
+    Rule(("speculative_config", "tensor_parallel_size"),
+         "token-tree speculation (`speculative_config` `tree`) with `tensor_parallel_size` > 1",
+         "token-tree speculation (speculative_config 'tree') does not combine with "
+         "tensor_parallel_size > 1: the sharded model and its per-GPU KV stores do not reproduce "
+         "the unsharded tree verification (greedy tokens differ); use a chain draft (drop "
+         "'tree') or tensor_parallel_size=1",
+         lambda a, p: (a.speculative_config is not None and a.speculative_config.tree is not None
+                       and a.tensor_parallel_size > 1),
+         {"speculative_config": _SPEC_TREE, "tensor_parallel_size": 2}),
     Rule(("speculative_config", "mode"),
          "`speculative_config` with `acceptance_rate` / `acceptance_trace` in "
          "`mode='functional'`",
