@@ -12,9 +12,10 @@
   functional weights), over the same store and KV codec as a run without speculation;
 - **timing**: the target verifies k + 1 tokens per speculating sequence in one pass (the step
   shape carries them, with `num_logits`); a draft model is priced as its own model shape on the
-  same GPU, k autoregressive draft steps per engine step (the first one catching up on the
-  tokens the draft has not seen); n-gram lookup is free. Timing-only runs take acceptance from
-  `acceptance_rate` (i.i.d.) or `acceptance_trace` (replayed) (`acceptance`);
+  target's GPUs (one GPU, the TP group, or one rank of it), k autoregressive draft steps
+  per engine step (the first one catching up on the tokens the draft has not seen); n-gram
+  lookup is free. Timing-only runs take acceptance from `acceptance_rate` (i.i.d.) or
+  `acceptance_trace` (replayed) (`acceptance`);
 - **observation**: accepted / proposed counts per step, per draft position and per request.
 
 The draft model's weights and KV come out of the target's KV pool (`sim.engine.build
@@ -194,8 +195,8 @@ class Speculation:
 
     # ------------------------------------------------------------------ timing
     def draft_time_s(self, plan: StepPlan) -> float:
-        """Seconds the draft model runs this step: k autoregressive draft steps on the same GPU
-        (0 for n-gram lookup)."""
+        """Seconds the draft model runs this step: k autoregressive draft steps on the target's
+        GPU, TP group or one rank of it, as `draft_cost` prices them (0 for n-gram lookup)."""
         self._batch_size = len(plan.seqs)
         if self.draft_cost is None:
             return 0.0
