@@ -18,8 +18,11 @@ For a step of T new tokens, R logit rows, a = activation bytes, E = n_embd, V = 
   parallelism), each rank dispatches its T/ep tokens' k routed copies to the experts' owners
   and gets them back (two all-to-alls of T k E a / ep bytes per rank), then an all-gather of
   [T, E] restores the full batch for the next attention (no MLP all-reduce). The
-  expert compute is scaled by `expert_imbalance` (busiest rank's routed tokens / mean), which
-  the functional model's real router measures (`parallel.expert.ExpertLoad`).
+  expert compute is scaled by the busiest rank's routed tokens / mean (the slowest rank sets
+  the step's time): a constant `expert_imbalance`, or per step from `expert_load`
+  (`parallel.expert.ExpertImbalanceModel`: Zipf skew or a recorded routing trace, as a function
+  of the step's T tokens), which the functional model's real router measures
+  (`parallel.expert.ExpertLoad`).
 - **PP**: each stage runs its contiguous layers (the LM head and sampler on the last); a
   micro-batch crosses pp - 1 stage boundaries, each a send/recv of the hidden state and the
   residual ([T, E] twice, as vLLM's IntermediateTensors). `stage_times_s` gives each stage's
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from parallel.collectives import Collectives, CommMode, Priced
+from parallel.expert import ExpertImbalanceModel
 from parallel.plan import ParallelPlan, padded_vocab, stage_layers
 from sim.core.dtypes import FloatArray, IntArray
 from sim.core.errors import ConfigError
@@ -91,11 +95,18 @@ class ParallelCostModel:
                  step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
                  expert_imbalance: float = 1.0, quantization: QuantSpec | None = None,
                  kv_context_cap_tokens: int | None = None,
-                 comm_mode: CommMode | None = None) -> None:
+                 comm_mode: CommMode | None = None,
+                 expert_load: ExpertImbalanceModel | None = None) -> None:
         plan.check_shapes(model)
         if not expert_imbalance >= 1.0:
             raise ConfigError(f"expert_imbalance is busiest / mean expert-rank load, >= 1; got "
                               f"{expert_imbalance}")
+        if expert_load is not None and expert_load.is_uniform:
+            expert_load = None  # perfect balance: the constant's price, and its fast path
+        if expert_load is not None and expert_imbalance != 1.0:
+            raise ConfigError(f"expert_imbalance={expert_imbalance} and expert_load="
+                              f"{expert_load.spec.text!r} both set the skew; pass one")
+        self.expert_load = expert_load
         self.model, self.hardware, self.plan = model, hardware, plan
         self.base = CostModel(model, hardware, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                               tensor_parallel_size=plan.tp, step_overhead_s=0.0,
@@ -112,13 +123,22 @@ class ParallelCostModel:
         self._stage_dense = [len(r) - k for r, k in zip(self.stages, n_moe, strict=True)]
         self._vocab = padded_vocab(model.n_vocab, plan.tp)
         # the plain path: no pipeline, no expert imbalance -> base fast path + closed-form comm
-        self._simple = plan.pp == 1 and (plan.ep == 1 or expert_imbalance == 1.0)
+        self._simple = plan.pp == 1 and (plan.ep == 1 or (expert_imbalance == 1.0
+                                                          and expert_load is None))
         self.part_names = (*self.base.part_names, "comm_launch")
 
     @property
     def act_dtype(self) -> str:
         """The activation dtype (the per-GPU model's; what the memory plan sizes KV in)."""
         return self.base.act_dtype
+
+    def imbalance(self, num_tokens: int) -> float:
+        """The MoE compute's factor for a step of `num_tokens` (1.0 without EP)."""
+        if self.plan.ep == 1:
+            return 1.0
+        if self.expert_load is None:
+            return self.expert_imbalance
+        return self.expert_load.imbalance(num_tokens)
 
     # ------------------------------------------------------------------ communication
     def _layer_comm(self, num_tokens: int, stage: int) -> tuple[float, float, float, str]:
@@ -177,10 +197,10 @@ class ParallelCostModel:
         parts = self.base.step_cost(shape).parts
         head = sum(parts.get(p, 0.0) for p in _HEAD_PARTS)
         body = sum(v for k, v in parts.items() if k not in _HEAD_PARTS)
-        if self.plan.ep > 1:
-            body += (self.expert_imbalance - 1.0) * parts.get("moe", 0.0)
         n_layer = self.model.n_layer
         T, R = shape.total_new_tokens, shape.total_logits
+        if self.plan.ep > 1:
+            body += (self.imbalance(T) - 1.0) * parts.get("moe", 0.0)
         embed, logits = self._head_comm(T, R)
         times = []
         for s, layers in enumerate(self.stages):
@@ -203,7 +223,7 @@ class ParallelCostModel:
         base = self.base.step_cost(shape)
         parts = dict(base.parts)
         if self.plan.ep > 1 and "moe" in parts:
-            parts["moe"] *= self.expert_imbalance
+            parts["moe"] *= self.imbalance(shape.total_new_tokens)
         comm = self.comm_breakdown(shape)
         parts["comm"] = comm.transfer_s
         parts["comm_launch"] = comm.launch_s

@@ -180,7 +180,8 @@ def test_the_sharded_pricer_gets_the_cap_too() -> None:
     plan = ParallelPlan(tp=2, pp=2)
     engine = SimpleNamespace(
         args=SimpleNamespace(eviction=lambda: KVEviction("sliding_window", CAP_TOKENS),
-                             enforce_eager=False, disable_custom_all_reduce=False),
+                             enforce_eager=False, disable_custom_all_reduce=False,
+                             expert_load="uniform"),
         sharded=True, model_config=LLAMA7, hardware=A100, plan=plan, timing_dtype="float16",
         quantization=None)
     cost = build_cost_model(engine, None)

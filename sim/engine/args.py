@@ -32,6 +32,7 @@ from cache.contiguous import RESERVATIONS as CONTIGUOUS_RESERVATIONS
 from cache.kv_eviction import KV_EVICTION_POLICIES, KVEviction
 from cache.paged import PREEMPTION_MODES
 from parallel.data import ROUTERS as DATA_PARALLEL_ROUTERS
+from parallel.expert import ExpertLoadSpec
 from sim.core.dtypes import canonical_dtype
 from sim.core.errors import ConfigError, suggest
 from sim.core.quantization import METHODS as QUANTIZATION_METHODS
@@ -261,6 +262,9 @@ class EngineArgs:
     # an eager launch) and vLLM's custom all-reduce off (NCCL for every message)
     enforce_eager: bool = False
     disable_custom_all_reduce: bool = False
+    # expert-parallel load skew in timing runs (parallel.expert.ExpertLoadSpec): "uniform"
+    # (perfect balance), "zipf:S" (Zipf skew S > 0 over the experts) or a routing-trace JSON path
+    expert_load: str = "uniform"
     # KV cache (the cache issue): paged blocks, prefix caching, contiguous baselines, preemption
     block_size: int = 16
     enable_prefix_caching: bool = False
@@ -310,6 +314,7 @@ class EngineArgs:
         if self.quantization is not None:  # validates the group size for the method
             QuantSpec(self.quantization, self.quantization_group_size)
         check_ranges(self)
+        ExpertLoadSpec.parse(self.expert_load)  # the form, the skew, the trace file
         if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
             raise ConfigError(f"tokenizer must be None, 'byte' or a path to a tokenizer.json "
                               f"folder, got {self.tokenizer!r}")

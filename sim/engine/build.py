@@ -17,6 +17,7 @@ from batching import SCHEDULER_OPTIONS, SCHEDULERS
 from batching.commit import StopCriteria
 from cache import KV_CACHES
 from cache.paged import PagedKVCache
+from parallel.expert import ExpertImbalanceModel, ExpertLoadSpec, ExpertLoadSummary
 from parallel.plan import plan_gpu_memory
 from sim.core.errors import ConfigError
 from sim.core.protocols import Executor, KVCacheManager, Pricer, Scheduler
@@ -35,6 +36,7 @@ def build_cost_model(engine: Engine, kv_dtype: str | None) -> Pricer:
     eviction, attention reads at most the eviction budget of cached tokens per sequence."""
     eviction = engine.args.eviction()
     cap = None if eviction is None else eviction.budget
+    skew = build_expert_load(engine)
     if engine.sharded:
         from parallel.collectives import CommMode
         from parallel.cost import ParallelCostModel
@@ -44,10 +46,39 @@ def build_cost_model(engine: Engine, kv_dtype: str | None) -> Pricer:
         return ParallelCostModel(engine.model_config, engine.hardware, engine.plan,
                                  dtype=engine.timing_dtype, kv_cache_dtype=kv_dtype,
                                  quantization=engine.quantization, kv_context_cap_tokens=cap,
-                                 comm_mode=mode)
+                                 comm_mode=mode, expert_load=skew)
     return CostModel(engine.model_config, engine.hardware, dtype=engine.timing_dtype,
                      kv_cache_dtype=kv_dtype, quantization=engine.quantization,
                      kv_context_cap_tokens=cap)
+
+
+def build_expert_load(engine: Engine) -> ExpertImbalanceModel | None:
+    """The priced expert-rank skew of `expert_load` (None: uniform); a skew needs experts
+    spread over ranks (an MoE model with enable_expert_parallel at tensor_parallel_size > 1)."""
+    args, model = engine.args, engine.model_config
+    spec = ExpertLoadSpec.parse(args.expert_load)
+    if spec.is_uniform:
+        return None
+    if not (model.is_moe and engine.sharded and engine.plan.ep > 1):
+        raise ConfigError(
+            f"expert_load={args.expert_load!r} prices the skew of expert-parallel ranks; "
+            f"{model.name} at {engine.plan.describe()} has none (it needs an MoE model with "
+            "enable_expert_parallel=True and tensor_parallel_size > 1); leave it 'uniform'")
+    return ExpertImbalanceModel(spec, model.n_expert, model.n_expert_per_tok, engine.plan.ep,
+                                args.seed)
+
+
+def measured_expert_load(engine: Engine) -> ExpertLoadSummary | None:
+    """The real router's per-step expert-rank imbalance since the last run (functional runs of
+    an expert-parallel MoE model; None otherwise), then reset for the next run."""
+    if engine.args.mode != "functional" or not (engine.sharded and engine.plan.ep > 1):
+        return None
+    from parallel.tensor import ShardedModel
+
+    model = engine.functional_model
+    if not isinstance(model, ShardedModel) or model.expert_load is None:
+        return None
+    return model.expert_load.take_summary()
 
 
 def build_memory_plan(engine: Engine, kv_dtype: str | None) -> MemoryPlan:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from sim.core.errors import ConfigError
 from sim.core.events import Arrival, CoastDone, Dispatch, EventQueue, StepDone
 from sim.core.request import Request, reject
-from sim.engine.build import build_executor
+from sim.engine.build import build_executor, measured_expert_load
 from sim.engine.hooks import build_hooks
 from sim.engine.lanes import Lane, ParallelStats, build_lanes
 from sim.engine.records import SimulationResult, StepStats, request_times
@@ -244,7 +244,8 @@ class EngineLoop:
         return SimulationResult(self.metrics.summary(), self.metrics, self.kept, stats,
                                 time.perf_counter() - wall_start, engine.description, self.steps,
                                 None if speculation is None else speculation.summary(),
-                                tuple(lane.kv for lane in self.lanes))
+                                tuple(lane.kv for lane in self.lanes),
+                                measured_expert_load(engine))
 
 
 def run_engine(engine: Engine, requests: Iterable[Request | RequestSpec],

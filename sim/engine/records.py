@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from parallel.expert import ExpertLoadSummary
 from sim.core.protocols import KVCacheManager, Scheduler
 from sim.core.request import Request, Status
 from sim.core.step import StepPlan
@@ -90,6 +91,8 @@ class SimulationResult:
     speculation: SpeculationSummary | None = None  # acceptance counts (speculative decoding)
     #: every lane's KV manager as the run left it (conservation checks: all KV freed)
     kv_managers: tuple[KVCacheManager, ...] = ()
+    #: functional expert-parallel runs: the real router's per-step expert-rank imbalance
+    expert_load: ExpertLoadSummary | None = None
 
 
 def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,

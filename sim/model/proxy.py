@@ -2,7 +2,9 @@
 
 A proxy keeps the *structure* of its target, the things that change what the serving system
 does, and shrinks every dimension: the grouped-query ratio (n_head / n_kv_head), mixture of
-experts (expert count capped at 8, top-k, renormalisation, shared expert, sparse-layer rule),
+experts (the target's real expert count, top-k, renormalisation, shared expert, sparse-layer
+rule: the count is kept because routing skew over ranks depends on it, and each expert is only
+`moe_n_inner x width` wide, so Qwen1.5-MoE's 60 cost a 2-layer proxy ~1 MB of float32),
 a sliding window (scaled by the same factor as the width), q/k/v and other biases, tied
 embeddings, and the RoPE base and scaling. Its vocabulary is the byte tokenizer's (258), its
 dtype float32, its name `tiny-proxy(<target>)`. OPT targets get a Llama-style proxy (RMSNorm,
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
     from sim.model.gguf_tokenizer import GGUFTokenizer
 
 DEFAULT_PROXY_SEED = 0
-MAX_PROXY_EXPERTS = 8
 MAX_PROXY_HEADS = 16
 
 
@@ -58,7 +59,7 @@ def tiny_proxy_config(config: ModelConfig, n_layer: int = 2, n_embd: int = 64, n
     d_head = max(2, (n_embd // proxy_heads) // 2 * 2)  # RoPE needs an even head dim
     width = n_embd / config.n_embd  # the scale factor of every hidden size
 
-    n_expert = min(config.n_expert, MAX_PROXY_EXPERTS)
+    n_expert = config.n_expert  # uncapped: the expert-rank imbalance depends on the count
     moe: dict[str, object] = {}
     if config.is_moe:
         moe = {
