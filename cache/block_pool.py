@@ -85,6 +85,10 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks()
 
+    def references(self, block: int) -> int:
+        """Reference count of `block` (0 for one never handed out: the pool is lazy)."""
+        return self.ref_count[block] if block < self._num_touched else 0
+
     def lookup(self, block_hash: bytes) -> int | None:
         """The block holding this chained hash, if cached (referenced or not)."""
         return self._hash_to_block.get(block_hash)
