@@ -19,7 +19,7 @@ import sim.cli.simulate as simulate_cli
 from sim import LLM, SamplingParams
 from sim.cli.main import main
 from sim.core.errors import ConfigError, InfersimError
-from sim.core.request import MAX_N, SAMPLING_EPS
+from sim.core.sampling_params import MAX_N, SAMPLING_EPS
 from sim.model.sampling import sample_token, sampling_probs
 from sim.workload.specs import RequestSpec
 
