@@ -103,6 +103,8 @@ class EngineLoop:
                     lane = lanes[event.lane]
                     if self.coaster is not None and self.coaster.done(lane, event):
                         self._lane_free(lane, now_s)
+                    elif not clock:  # a stale event was the last: re-check idle lanes
+                        self._recheck_idle(now_s)
         return self._result(wall_start)
 
     # ------------------------------------------------------------------ handlers
@@ -163,6 +165,15 @@ class EngineLoop:
                 return
         lane.busy = False
         self._dispatch_soon(lane, now_s)
+
+    def _recheck_idle(self, now_s: float) -> None:
+        """The clock ran dry on a truncated stretch's stale `CoastDone`: a lane that found
+        nothing to run while that event was pending saw a non-empty clock and so could not
+        declare a stall; dispatch the idle lanes with work once more, so a stall is still
+        detected (and its requests end with a reason) instead of being left unfinished."""
+        for lane in self.lanes:
+            if not lane.busy and lane.scheduler.has_work():
+                self._dispatch_soon(lane, now_s)
 
     def _dispatch_soon(self, lane: Lane, now_s: float) -> None:
         if not lane.pending:
