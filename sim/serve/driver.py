@@ -197,9 +197,10 @@ class EngineDriver:
             self._serve()
         except BaseException as exc:  # report to every waiting client, never hang them
             self.failure = exc
-            for handle in list(self._active.values()):
+            for handle in self._active.values():
                 handle.push(Delta("", 0, error=f"internal error in the engine: {exc!r}",
                                   status_code=500))
+            self._active.clear()
             raise
         finally:
             self._finish()
