@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim import __version__
+from sim.cli.serve import add_serve_parser, add_trace_json_flag, run_serve
 from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
 from sim.model.zoo import DEFAULT_MODEL
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--result-json", default=None,
                      help="write the metrics to this JSON file (- for stdout)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trace_json_flag(sim)  # --trace-json (sim.cli.serve, shared with `serve`)
     sim.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file of these same flags (`max-num-seqs = 64`, `request-rate = "
                           "inf`, `enable-prefix-caching = true`; dashes or underscores), as "
@@ -306,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     plans.add_argument("--request-rate", type=float, default=None,
                        help="requests/s, Poisson (default: all at once)")
     plans.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_serve_parser(sub)
     return parser
 
 
@@ -505,6 +508,7 @@ COMMANDS = {
     "models": cmd_models,
     "profiles": cmd_profiles,
     "plans": cmd_plans,
+    "serve": run_serve,
 }
 
 

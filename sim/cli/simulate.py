@@ -28,7 +28,9 @@ from sim.core.errors import ConfigError, InfersimError
 from sim.core.request import Request
 from sim.engine.engine import Engine
 from sim.engine.records import SimulationResult, request_times
+from sim.metrics.collector import RequestTimes
 from sim.metrics.summary import fragmentation_keys, padding_keys
+from sim.metrics.trace_export import write_trace
 from sim.workload.shared_prefix import shared_prefix_workload
 from sim.workload.specs import (
     ArrivalProcess,
@@ -328,11 +330,11 @@ def vllm_keys(ns: argparse.Namespace, per: PerRequest, slos_s: dict[str, float],
     return out
 
 
-def check_result_path(path: Path) -> None:
-    """Refuse a `--result-json` path that could not be written, before the run rather than after
+def check_result_path(path: Path, flag: str = "--result-json") -> None:
+    """Refuse a `flag` output path that could not be written, before the run rather than after
     it: a directory, a missing parent under a file, or a parent (or file) without write access.
     Missing parent folders are fine (they are created)."""
-    where = f"--result-json {str(path)!r}"
+    where = f"{flag} {str(path)!r}"
     if path.is_dir():
         raise InfersimError(f"{where} is a directory; name a file in it, e.g. {path / 'result.json'}")
     if path.exists() and not os.access(path, os.W_OK):
@@ -357,6 +359,11 @@ def run_simulate(ns: argparse.Namespace) -> int:
     to_stdout = ns.result_json == "-"
     if ns.result_json and not to_stdout:
         check_result_path(Path(ns.result_json))
+    # --trace-json (sim.metrics.trace_export): the step series and every request's times
+    trace_path = None if ns.trace_json is None else Path(ns.trace_json)
+    if trace_path is not None:
+        check_result_path(trace_path, "--trace-json")
+    traced: list[RequestTimes] = []
     engine = Engine(engine_args_from(ns))
     vocab = (engine.functional_model.config.n_vocab if ns.mode == "functional"
              else engine.model_config.n_vocab)
@@ -370,10 +377,13 @@ def run_simulate(ns: argparse.Namespace) -> int:
         bar.update()
         if ns.result_json:
             per.add(req)
+        if trace_path is not None:
+            traced.append(request_times(req))
 
     try:
         result = engine.run(workload, keep_requests=False, on_finish=finished,
-                            max_concurrency=ns.max_concurrency)
+                            max_concurrency=ns.max_concurrency,
+                            record_steps=trace_path is not None)
     finally:
         bar.close()
     summary = result.metrics.summary(slo_ttft_s=slos_s.get("ttft"), slo_tpot_s=slos_s.get("tpot"))
@@ -399,6 +409,9 @@ def run_simulate(ns: argparse.Namespace) -> int:
         good = per.good(slos_s) if ns.result_json else None
         say("goodput with the e2el SLO: in the result JSON" if good is None else
             f"requests meeting every SLO (ttft, tpot, e2el): {int(good.sum())}")
+    if trace_path is not None:
+        write_trace(trace_path, result.steps, traced, engine.plan.pp, result.description)
+        say(f"wrote {trace_path} (open it in ui.perfetto.dev)")
     if ns.result_json:
         payload = summary.to_benchmark_json()
         payload.update(vllm_keys(ns, per, slos_s, summary.duration_s, metrics, percentiles))

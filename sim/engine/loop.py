@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from sim.core.errors import ConfigError
-from sim.core.events import Arrival, CoastDone, Dispatch, EventQueue, StepDone
+from sim.core.events import Arrival, CoastDone, Dispatch, Event, EventQueue, StepDone
 from sim.core.request import Request, reject
 from sim.engine.build import build_executor, measured_expert_load
 from sim.engine.hooks import build_hooks
@@ -83,6 +83,7 @@ class EngineLoop:
         self.max_concurrency = max_concurrency
         self._in_flight = 0
         self._held: deque[Request] = deque()
+        self._wall_start_s = time.perf_counter()  # (reset by `start`)
 
     def run(self, requests: Iterable[Request | RequestSpec]) -> SimulationResult:
         """Simulate `requests` (sorted by arrival) to completion."""
@@ -106,6 +107,60 @@ class EngineLoop:
                     elif not clock:  # a stale event was the last: re-check idle lanes
                         self._recheck_idle(now_s)
         return self._result(wall_start)
+
+    # ------------------------------------------------------------------ incremental driving
+    # A server (`sim.serve`) drives the same loop from outside: requests join while it runs,
+    # and simulated time advances only as far as the caller's clock allows. `run` is untouched
+    # (its results, and so the goldens, stay identical): these four methods are the loop above
+    # cut at its seams.
+    def start(self, requests: Iterable[Request | RequestSpec] = ()) -> None:
+        """Begin a run driven by `submit`, `advance_until` and `finish` (with an optional
+        stream of `requests`, sorted by arrival, as `run` takes)."""
+        self._wall_start_s = time.perf_counter()
+        self._source = iter(requests)
+        self._next_arrival()
+
+    def submit(self, req: Request) -> None:
+        """`req` arrives at `max(req.arrival_s, now)`: a request cannot arrive in the simulated
+        past, where steps have already been planned without it."""
+        req.arrival_s = max(req.arrival_s, self.clock.now_s)
+        for sample in req.forks:
+            sample.arrival_s = req.arrival_s
+        self.clock.schedule(req.arrival_s, Arrival(req))
+
+    def next_event_s(self) -> float:
+        """Simulated time of the next event (inf: nothing is pending)."""
+        return self.clock.peek_time_s() if self.clock else float("inf")
+
+    def advance_until(self, until_s: float) -> int:
+        """Handle every event due at or before `until_s` (simulated seconds), in order; the
+        number handled. The clock then stands at the last one's time."""
+        clock, num_handled = self.clock, 0
+        while clock and clock.peek_time_s() <= until_s:
+            now_s, event = clock.pop()
+            self._handle(now_s, event)
+            num_handled += 1
+        return num_handled
+
+    def finish(self) -> SimulationResult:
+        """The result of a run begun with `start` (the same object `run` returns)."""
+        return self._result(self._wall_start_s)
+
+    def _handle(self, now_s: float, event: Event) -> None:
+        """One event, as `run`'s loop handles it."""
+        match event:
+            case StepDone():
+                self._on_step_done(event, now_s)
+            case Dispatch():
+                self._on_dispatch(self.lanes[event.lane], now_s)
+            case Arrival():
+                self._on_arrival(event.request, now_s)
+            case CoastDone():
+                lane = self.lanes[event.lane]
+                if self.coaster is not None and self.coaster.done(lane, event):
+                    self._lane_free(lane, now_s)
+                elif not self.clock:
+                    self._recheck_idle(now_s)
 
     # ------------------------------------------------------------------ handlers
     def _on_arrival(self, req: Request, now_s: float) -> None:

@@ -102,6 +102,9 @@ def record_step(steps: StepSeries, plan: StepPlan, start_s: float, end_s: float,
     held = kv.num_used_tokens() if kv.retains_kv else 0  # distinct: a shared prefix counts once
     steps.add(start_s, end_s, len(plan.seqs), computed - decode, decode,
               scheduler.num_waiting, held, kv.num_reserved_tokens(), lane)
+    work = plan.kv
+    steps.add_kv_events(lane, start_s, scheduler.num_preemptions, work.num_swapped_out_blocks,
+                        work.num_swapped_in_blocks, work.num_copied_blocks)
 
 
 def request_times(req: Request) -> RequestTimes:

@@ -11,6 +11,11 @@ With data or pipeline parallelism every lane's steps are recorded, in dispatch o
 lane); steps of different lanes overlap in time, and `num_waiting` and the KV columns are the
 lane's own. `for_lane(i)` is one lane's series.
 
+The KV events of a step (preemptions made while planning it, blocks swapped out and in,
+copy-on-write copies) are rare, so they are kept sparsely beside the rows (`kv_events`, keyed by
+lane and start time: a lane runs one step at a time), read by the trace export
+(`sim.metrics.trace_export`).
+
 References: vLLM's per-iteration scheduler stats (`vllm/v1/metrics/stats.py`); Orca (OSDI'22)
 Fig. 8-style batch composition over time.
 """
@@ -32,6 +37,11 @@ class StepSeries:
 
     rows: list[tuple[float, float, int, int, int, int, int, int, int]] = field(
         default_factory=list)
+    #: (lane, start_s) -> (num_preemptions, num_swapped_out_blocks, num_swapped_in_blocks,
+    #: num_copied_blocks) of the steps that had any (see the module doc)
+    kv_events: dict[tuple[int, float], tuple[int, int, int, int]] = field(default_factory=dict)
+    #: each lane's scheduler preemption count at its last recorded step
+    preemptions_seen: dict[int, int] = field(default_factory=dict)
 
     def add(self, start_s: float, end_s: float, num_seqs: int, num_prefill_tokens: int,
             num_decode_tokens: int, num_waiting: int, kv_used_tokens: int,
@@ -39,9 +49,21 @@ class StepSeries:
         self.rows.append((start_s, end_s, num_seqs, num_prefill_tokens, num_decode_tokens,
                           num_waiting, kv_used_tokens, kv_reserved_tokens, lane))
 
+    def add_kv_events(self, lane: int, start_s: float, num_preemptions_total: int,
+                      num_swapped_out_blocks: int, num_swapped_in_blocks: int,
+                      num_copied_blocks: int) -> None:
+        """Note the KV events of `lane`'s step starting at `start_s` (`num_preemptions_total`:
+        the lane's scheduler's running count; the step's are those since its last step)."""
+        preempted = num_preemptions_total - self.preemptions_seen.get(lane, 0)
+        self.preemptions_seen[lane] = num_preemptions_total
+        if preempted or num_swapped_out_blocks or num_swapped_in_blocks or num_copied_blocks:
+            self.kv_events[(lane, start_s)] = (preempted, num_swapped_out_blocks,
+                                               num_swapped_in_blocks, num_copied_blocks)
+
     def for_lane(self, lane: int) -> StepSeries:
         """The steps one lane ran (data or pipeline parallelism), in order."""
-        return StepSeries([row for row in self.rows if row[-1] == lane])
+        return StepSeries([row for row in self.rows if row[-1] == lane],
+                          {k: v for k, v in self.kv_events.items() if k[0] == lane})
 
     def __len__(self) -> int:
         return len(self.rows)
