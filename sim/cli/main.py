@@ -1,4 +1,4 @@
-"""The `infersim` command line: simulate, demo, kv-memory, models, profiles.
+"""The `infersim` command line: simulate, demo, kv-memory, models, profiles, plans.
 
 Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cache`, ...);
 `simulate --result-json` writes vLLM `benchmark_serving.py`'s key names.
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim import __version__
+from sim.cli.kv_memory import add_kv_memory_parser
 from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
 from sim.model.zoo import DEFAULT_MODEL
@@ -273,22 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     demo.add_argument("--output-len", type=int, default=128, help="output tokens per request")
 
-    kv = sub.add_parser("kv-memory", help="the KV-cache memory calculation, step by step",
-                        description="KV bytes per token = 2 x layers x KV heads x head dim x "
-                                    "bytes; per request; per batch; with --hardware, the memory "
-                                    "plan and how many tokens fit.")
-    kv.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder")
-    kv.add_argument("--seq-len", type=int, required=True, help="tokens per request")
-    kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
-    kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
-    kv.add_argument("--hardware", default=None, help="also size the KV pool on this GPU")
-    kv.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
-    kv.add_argument("--kv-cache-dtype", default=None,
-                    help="KV cache dtype if it differs from --dtype (e.g. fp8)")
-    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                    help="with --hardware: share of GPU memory the engine may use")
-    kv.add_argument("--json", action="store_true", help="print JSON instead of text")
-
+    add_kv_memory_parser(sub)
     sub.add_parser("models", help="list the built-in model shapes")
     sub.add_parser("profiles", help="list the built-in hardware profiles")
 
@@ -410,15 +396,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_kv_memory(ns: argparse.Namespace) -> int:
-    from sim.timing.kv_memory import format_kv_memory, kv_memory_report
+    from sim.cli.kv_memory import run_kv_memory
 
-    report = kv_memory_report(
-        ns.model, seq_len=ns.seq_len, batch_size=ns.batch_size, dtype=ns.dtype,
-        hardware=ns.hardware, block_size=ns.block_size,
-        gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_dtype=ns.kv_cache_dtype,
-    )
-    print(json.dumps(report, indent=2, default=str) if ns.json else format_kv_memory(report))
-    return 0
+    return run_kv_memory(ns)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
