@@ -1,4 +1,4 @@
-"""The `infersim` command line: simulate, demo, kv-memory, models, profiles, plans.
+"""The `infersim` command line: simulate, demo, kv-memory, explain, models, profiles, plans.
 
 Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cache`, ...);
 `simulate --result-json` writes vLLM `benchmark_serving.py`'s key names.
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim import __version__
+from sim.cli.explain import add_explain_parser
 from sim.cli.kv_memory import add_kv_memory_parser
 from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-len", type=int, default=128, help="output tokens per request")
 
     add_kv_memory_parser(sub)
+    add_explain_parser(sub)
     sub.add_parser("models", help="list the built-in model shapes")
     sub.add_parser("profiles", help="list the built-in hardware profiles")
 
@@ -401,6 +403,12 @@ def cmd_kv_memory(ns: argparse.Namespace) -> int:
     return run_kv_memory(ns)
 
 
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from sim.cli.explain import run_explain
+
+    return run_explain(ns)
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain aligned text table of dict rows (same keys)."""
     if not rows:
@@ -482,6 +490,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
     "kv-memory": cmd_kv_memory,
+    "explain": cmd_explain,
     "models": cmd_models,
     "profiles": cmd_profiles,
     "plans": cmd_plans,
