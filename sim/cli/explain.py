@@ -41,6 +41,7 @@ TOPIC_HELP: dict[str, str] = {
                           "max_num_seqs trading TPOT for throughput",
 }
 TOPICS = (*TOPIC_HELP, "list")
+MAX_LIVE_REQUESTS = 1500  # the kv-memory live run's burst, at most
 
 
 @dataclass
@@ -108,9 +109,9 @@ def _gib(num_bytes: float) -> float:
 
 
 def explain_kv_memory(model: str | None, hardware: str) -> Explanation:
-    """Q1: the formula, the plan per GPU at the smallest TP degree that fits, fp8 KV, and a run
-    that fills the pool (paged blocks are handed out as requests grow, so more start than fit at
-    full length, and the excess is preempted)."""
+    """Q1: the formula, the per-GPU plan at each TP degree of 1, 2, 4, 8 that the heads allow,
+    fp8 KV, and a run at the largest that fills the pool (paged blocks are handed out as
+    requests grow, so more start than fit at full length, and the excess is preempted)."""
     from sim.engine.args import EngineArgs
     from sim.engine.engine import Engine
     from sim.timing.kv_memory import KVMemoryDoesNotFitError, kv_memory_report
@@ -172,7 +173,8 @@ def explain_kv_memory(model: str | None, hardware: str) -> Explanation:
     for degree, count in users_by_tp.items():
         ex.numbers[f"users_tp{degree}"] = count
     # Live: a burst of 1.5x that many half-prompt/half-output requests, KV the only limit
-    num_requests = max(4, math.ceil(1.5 * users))
+    # (capped so that a small model's thousands of users still run in seconds)
+    num_requests = min(MAX_LIVE_REQUESTS, max(4, math.ceil(1.5 * users)))
     args = EngineArgs(model=model, hardware=hardware, mode="timing", tensor_parallel_size=tp,
                       dtype="float16", max_num_seqs=max(256, 2 * num_requests))
     result = Engine(args).run(make_workload(num_requests, math.inf, seq_len // 2, seq_len // 2,
@@ -190,20 +192,27 @@ def explain_kv_memory(model: str | None, hardware: str) -> Explanation:
         f"tokens/s")
     ex.numbers.update(live_peak_running=peak_running, live_kv_peak_share=kv_peak_share,
                       live_preemptions=preemptions)
+    gpus = "GPU" if min_tp == 1 else "GPUs"
+    grew_faster = tp > min_tp and users / max(users_by_tp[min_tp], 1) > tp / min_tp
+    scaling = ": the weights are paid once, so users grew faster than GPUs" if grew_faster else ""
+    if preemptions:
+        live = (f"Paged allocation admits more while requests are short ({peak_running} ran at "
+                f"once in my run) and preempts when they grow ({preemptions} preemptions), so the "
+                f"number that matters is tokens resident, not requests.")
+    else:
+        live = (f"In my run a burst of {num_requests} requests filled the pool to "
+                f"{kv_peak_share:.0%} with no preemption, so memory was not the limit there.")
     ex.answer = (
         f"Per token the KV cache is 2 x layers x KV heads x head dim x bytes: for {model} in "
         f"fp16 that is {per_token_kib:,.0f} KiB, so a {seq_len}-token user holds "
         f"{per_request_gib:.2f} GiB. "
         + (f"The fp16 weights alone do not fit one {_gib(fit['capacity_bytes']):.0f} GiB GPU; "
-           if min_tp > 1 else "")
-        + f"the smallest TP that fits is {min_tp} GPUs, with room for {users_by_tp[min_tp]} "
-        f"users. With tensor parallelism over {tp} GPUs each keeps 1/{tp} of the weights and "
-        f"of the KV heads and has {pool_gib:.1f} GiB left, which holds {users} users at "
-        f"{seq_len} tokens ({users_fp8} with an fp8 KV cache): the weights are paid once, so "
-        f"users grow faster than GPUs. "
-        f"Paged allocation admits more while requests are short ({peak_running} ran at once in "
-        f"my run) and preempts when they grow ({preemptions} preemptions), so the number that "
-        f"matters is tokens resident, not requests.")
+           f"the smallest TP that fits is {min_tp} {gpus}" if min_tp > 1
+           else f"One {_gib(fit['capacity_bytes']):.0f} GiB GPU already holds the fp16 weights")
+        + f", with room for {users_by_tp[min_tp]} users. With tensor parallelism over {tp} GPUs "
+        f"each keeps 1/{tp} of the weights and of the KV heads and has {pool_gib:.1f} GiB left, "
+        f"which holds {users} users at {seq_len} tokens ({users_fp8} with an fp8 KV "
+        f"cache){scaling}. {live}")
     return ex
 
 

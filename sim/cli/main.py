@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim import __version__
-from sim.cli.explain import add_explain_parser
-from sim.cli.kv_memory import add_kv_memory_parser
+from sim.cli.explain import add_explain_parser, run_explain
+from sim.cli.kv_memory import add_kv_memory_parser, run_kv_memory
 from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
 from sim.model.zoo import DEFAULT_MODEL
@@ -397,18 +397,6 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kv_memory(ns: argparse.Namespace) -> int:
-    from sim.cli.kv_memory import run_kv_memory
-
-    return run_kv_memory(ns)
-
-
-def cmd_explain(ns: argparse.Namespace) -> int:
-    from sim.cli.explain import run_explain
-
-    return run_explain(ns)
-
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain aligned text table of dict rows (same keys)."""
     if not rows:
@@ -489,8 +477,8 @@ def cmd_plans(ns: argparse.Namespace) -> int:
 COMMANDS = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
-    "kv-memory": cmd_kv_memory,
-    "explain": cmd_explain,
+    "kv-memory": run_kv_memory,
+    "explain": run_explain,
     "models": cmd_models,
     "profiles": cmd_profiles,
     "plans": cmd_plans,
