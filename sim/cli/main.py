@@ -1,4 +1,4 @@
-"""The `infersim` command line: simulate, demo, kv-memory, models, profiles.
+"""The `infersim` command line: simulate, serve, demo, kv-memory, explain, models, profiles, plans.
 
 Every engine argument is a flag in vLLM's spelling (`--max-num-seqs`, `--kv-cache`, ...);
 `simulate --result-json` writes vLLM `benchmark_serving.py`'s key names.
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sim import __version__
+from sim.cli.explain import add_explain_parser, run_explain
+from sim.cli.kv_memory import add_kv_memory_parser, run_kv_memory
 from sim.cli.serve import add_serve_parser, add_trace_json_flag, run_serve
 from sim.core.errors import ConfigError, InfersimError
 from sim.engine.args import CHOICES, EngineArgs
@@ -275,22 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     demo.add_argument("--output-len", type=int, default=128, help="output tokens per request")
 
-    kv = sub.add_parser("kv-memory", help="the KV-cache memory calculation, step by step",
-                        description="KV bytes per token = 2 x layers x KV heads x head dim x "
-                                    "bytes; per request; per batch; with --hardware, the memory "
-                                    "plan and how many tokens fit.")
-    kv.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder")
-    kv.add_argument("--seq-len", type=int, required=True, help="tokens per request")
-    kv.add_argument("--batch-size", type=int, default=1, help="requests in the batch")
-    kv.add_argument("--dtype", default="float16", help="KV dtype (float16, bfloat16, fp8, ...)")
-    kv.add_argument("--hardware", default=None, help="also size the KV pool on this GPU")
-    kv.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
-    kv.add_argument("--kv-cache-dtype", default=None,
-                    help="KV cache dtype if it differs from --dtype (e.g. fp8)")
-    kv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                    help="with --hardware: share of GPU memory the engine may use")
-    kv.add_argument("--json", action="store_true", help="print JSON instead of text")
-
+    add_kv_memory_parser(sub)
+    add_explain_parser(sub)
     sub.add_parser("models", help="list the built-in model shapes")
     sub.add_parser("profiles", help="list the built-in hardware profiles")
 
@@ -412,18 +400,6 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kv_memory(ns: argparse.Namespace) -> int:
-    from sim.timing.kv_memory import format_kv_memory, kv_memory_report
-
-    report = kv_memory_report(
-        ns.model, seq_len=ns.seq_len, batch_size=ns.batch_size, dtype=ns.dtype,
-        hardware=ns.hardware, block_size=ns.block_size,
-        gpu_memory_utilization=ns.gpu_memory_utilization, kv_cache_dtype=ns.kv_cache_dtype,
-    )
-    print(json.dumps(report, indent=2, default=str) if ns.json else format_kv_memory(report))
-    return 0
-
-
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain aligned text table of dict rows (same keys)."""
     if not rows:
@@ -504,7 +480,8 @@ def cmd_plans(ns: argparse.Namespace) -> int:
 COMMANDS = {
     "simulate": cmd_simulate,
     "demo": cmd_demo,
-    "kv-memory": cmd_kv_memory,
+    "kv-memory": run_kv_memory,
+    "explain": run_explain,
     "models": cmd_models,
     "profiles": cmd_profiles,
     "plans": cmd_plans,
